@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Makes .venv with everything the project needs, on a fresh machine.
+#   scripts/setup.sh            torch 2.13.0 (CPU build from local disk) + numba, triton, matplotlib, test tools
+#   scripts/setup.sh vision     the same with torch 2.14.1 + torchvision 0.29.1 (the ~5 GB build on local disk)
+# Also installs the Debian package with the default dataset (Fashion-MNIST) when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+flavour=${1:-core}
+
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+PIP=".venv/bin/python -m pip"
+stamp=".venv/.groupnorm-$flavour"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    if [ "$flavour" = vision ]; then
+        $PIP install -q "torch==2.14.1" "torchvision==0.29.1"
+        $PIP install -q -e ".[all,dev]"
+    else
+        .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
+        $PIP install -q -e ".[gpu,plot,dev]"
+    fi
+    touch "$stamp"
+fi
