@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes .venv with everything the project needs, on a fresh machine.
-#   scripts/setup.sh            torch 2.13.0 (CPU build from local disk) + numba, triton, matplotlib, test tools
-#   scripts/setup.sh vision     the same with torch 2.14.1 + torchvision 0.29.1 (the ~5 GB build on local disk)
+#   scripts/setup.sh            torch 2.13.0 (CPU build from local disk) + numba, matplotlib (what the studies need)
+#   scripts/setup.sh vision     torch 2.14.1 + torchvision 0.29.1 (the ~5 GB build on local disk), triton, test tools
 # Also installs the Debian package with the default dataset (Fashion-MNIST) when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         $PIP install -q -e ".[all,dev]"
     else
         .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
-        $PIP install -q -e ".[gpu,plot,dev]"
+        $PIP install -q -e ".[plot]"
     fi
     touch "$stamp"
 fi
