@@ -1,0 +1,299 @@
+"""Functional forms of the normalization family (Wu & He, 2018, Sec. 3).
+
+All functions take an input of shape (N, C, *spatial) with rank >= 2 and return a tensor of the same
+shape, dtype and memory format. With m the size of the set S_i (eqs. 1, 2):
+
+    x_hat_i = (x_i - mu_i) / sqrt(sigma_i^2 + eps),   y_i = gamma_{i_C} * x_hat_i + beta_{i_C}
+
+* ``group_norm``: S_i = the C/G channels of i's group in i's sample (eq. 7); optional fused
+  ``residual`` and ``activation``: y = act(gamma * x_hat + beta + residual).
+* ``layer_norm``: the paper's LN, GN with G = 1 (over C and spatial, per-channel affine). Not torch's
+  ``layer_norm`` over trailing dimensions.
+* ``instance_norm``: the paper's IN, GN with G = C.
+* ``batch_norm``: S_i = channel i_C over (N, spatial), or over each worker's chunk of
+  ``images_per_worker`` consecutive samples.
+* ``batch_renorm``: Ioffe (2017), BN corrected towards the running statistics by r and d.
+* ``weight_standardize``: Qiao et al. (2019), each output filter of a weight to zero mean, unit var.
+
+Group Norm goes through the backend registry (``groupnorm.set_backend``); the others are torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks, backends
+
+__all__ = ["group_norm", "layer_norm", "instance_norm", "batch_norm", "batch_renorm",
+           "weight_standardize"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float32 for half precisions, else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_common(input, weight, bias, eps, where):
+    _checks.check_input(input, where)
+    _checks.check_affine(weight, bias, input.shape[1], where)
+    _checks.check_eps(eps, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Group Norm and its two extremes
+# ---------------------------------------------------------------------------------------------
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
+               residual=None):
+    """Group Normalization, eqs. (1), (2), (6), (7), with optional fused residual and activation.
+
+    y = act(weight * x_hat + bias + residual), where x_hat normalizes each sample over each group of
+    C / G consecutive channels and all spatial positions.
+
+    Args:
+        input: (N, C, *spatial), floating point, any memory format.
+        num_groups: G, must divide C.
+        weight, bias: (C,) or None.
+        eps: > 0, added to the variance.
+        activation: None, "relu", "silu" or "gelu" (exact erf form).
+        residual: tensor of input's shape, dtype and device, added before the activation.
+    Returns:
+        Tensor of input's shape, dtype and memory format.
+    """
+    where = "group_norm"
+    _check_common(input, weight, bias, eps, where)
+    num_groups = _checks.resolve_groups(input.shape[1], num_groups, None, where)
+    _checks.check_activation(activation, where)
+    _checks.check_residual(residual, input, where)
+    return backends.group_norm(input, num_groups, weight, bias, float(eps), activation, residual)
+
+
+def layer_norm(input, weight=None, bias=None, eps=1e-5):
+    """The paper's Layer Norm: GN with G = 1 (statistics over C and spatial per sample).
+
+    The affine is per channel, weight and bias of shape (C,), as in the paper's eq. (6).
+    """
+    _checks.check_input(input, "layer_norm")
+    return group_norm(input, 1, weight, bias, eps)
+
+
+def instance_norm(input, weight=None, bias=None, eps=1e-5):
+    """The paper's Instance Norm: GN with G = C (statistics over spatial per sample and channel)."""
+    _checks.check_input(input, "instance_norm")
+    return group_norm(input, input.shape[1], weight, bias, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch Norm with per-worker statistics
+# ---------------------------------------------------------------------------------------------
+
+def _check_batch_args(input, running_mean, running_var, weight, bias, momentum, eps,
+                      images_per_worker, training, where):
+    _check_common(input, weight, bias, eps, where)
+    _checks.check_momentum(momentum, where)
+    _checks.check_images_per_worker(images_per_worker, input.shape[0], where)
+    channels = input.shape[1]
+    for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
+        if buf is not None and tuple(buf.shape) != (channels,):
+            raise ValueError(f"{where}: {name} must have shape ({channels},), got {tuple(buf.shape)}")
+    per_worker = images_per_worker or input.shape[0]
+    values = per_worker * (input[0, 0].numel() if input.shape[0] else 1)
+    if training and input.shape[0] and values <= 1:
+        raise ValueError(f"{where}: training needs more than 1 value per channel per worker, got "
+                         f"input shape {tuple(input.shape)} with images_per_worker={images_per_worker}")
+
+
+def _channels_last_like(x) -> bool:
+    """True when x is laid out (N, *spatial, C) in memory (channels_last / channels_last_3d)."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+class _WorkerView:
+    """x (N, C, *spatial) seen as k = N / per workers: (k, per, C, S), or (k, per, S, C) when x is
+    channels_last (then it is a view, too). Statistics per (worker, channel) reduce ``dims``."""
+
+    def __init__(self, x, per):
+        self.shape, self.k, self.c = x.shape, x.shape[0] // per, x.shape[1]
+        self.channels_last = _channels_last_like(x)
+        if self.channels_last:
+            self.data = x.movedim(1, -1).reshape(self.k, per, -1, self.c)
+            self.dims, self.c_dim = (1, 2), 3
+        else:
+            self.data = x.reshape(self.k, per, self.c, -1)
+            self.dims, self.c_dim = (1, 3), 2
+
+    def stat(self, v):
+        """A (k, C) statistic broadcastable against ``data``."""
+        shape = [self.k, 1, 1, 1]
+        shape[self.c_dim] = self.c
+        return v.view(shape)
+
+    def back(self, y):
+        """A tensor laid out like ``data`` back to (N, C, *spatial) in the input's memory format."""
+        if self.channels_last:
+            return y.reshape(self.shape[:1] + self.shape[2:] + self.shape[1:2]).movedim(-1, 1)
+        return y.reshape(self.shape)
+
+
+def _bn_workers(x, per, weight, bias, eps):
+    """BN with batch statistics of each chunk of ``per`` consecutive samples, in one fused call.
+
+    x: float32 or float64 (the caller upcasts half precisions). Returns (y, mean, var): mean and
+    unbiased var of shape (workers, C).
+
+    The k = N / per workers become k * C independent channels of one torch batch_norm call: the k
+    axis of the worker view is moved next to C (for k = 1 this costs no copy). Torch's kernel is
+    called with scratch running buffers and momentum 1, which makes it return the batch mean and
+    unbiased variance.
+
+    Each (worker, channel) is first shifted by its detached mean: BN is shift invariant, value and
+    gradient, and torch's CPU kernel computes the variance as E[x^2] - E[x]^2 in some layouts, which
+    cancels when |mean| >> std (float32 at mean 1000, std 1: relative error ~1e-4 and worse).
+    """
+    view = _WorkerView(x, per)
+    k, c = view.k, view.c
+    xs, shift = view.data, None
+    if x.dtype != torch.float64:
+        with torch.no_grad():
+            shift = xs.mean(dim=view.dims)  # (k, C)
+        xs = xs - view.stat(shift)
+    if view.channels_last:   # columns (k, C) of a (per * S, k * C) matrix
+        xt = xs.permute(1, 2, 0, 3).reshape(-1, k * c)
+    else:                    # channels (k, C) of a (per, k * C, S) batch
+        xt = xs.transpose(0, 1).reshape(per, k * c, -1)
+    mean = torch.zeros(k * c, dtype=x.dtype, device=x.device)
+    var = torch.ones(k * c, dtype=x.dtype, device=x.device)
+    w = None if weight is None else weight.repeat(k)
+    b = None if bias is None else bias.repeat(k)
+    y = F.batch_norm(xt, mean, var, w, b, True, 1.0, eps)
+    if view.channels_last:
+        y = y.view(per, -1, k, c).permute(2, 0, 1, 3)
+    else:
+        y = y.view(per, k, c, -1).transpose(0, 1)
+    mean = mean.view(k, c)
+    if shift is not None:
+        mean = mean + shift
+    return view.back(y), mean, var.view(k, c)
+
+
+def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None, training=True,
+               momentum=0.1, eps=1e-5, *, images_per_worker=None):
+    """Batch Normalization, S_i = {k | k_C = i_C} (eq. 3), optionally per worker.
+
+    With ``images_per_worker=n`` the batch is split into N / n consecutive chunks of n samples, each
+    normalized with its own mean and variance, exactly as n images on each of N / n unsynchronized
+    workers (the paper's "batch size per GPU").
+
+    Batch statistics are used when ``training`` is True or a running buffer is None; otherwise
+    y = weight * (x - running_mean) / sqrt(running_var + eps) + bias.
+
+    Running statistics (updated in place when training and given):
+        running_mean <- (1 - momentum) * running_mean + momentum * mean_w(mu_w)
+        running_var  <- (1 - momentum) * running_var  + momentum * mean_w(var_w)
+    where mu_w and var_w (unbiased) are worker w's batch statistics. Because the update is linear, this
+    equals every worker keeping its own moving averages (from the same start) and averaging them, which
+    is what averaging the workers' buffers at checkpoint time gives.
+
+    Args:
+        input: (N, C, *spatial). running_mean, running_var, weight, bias: (C,) or None.
+        momentum: in [0, 1]. eps: > 0. images_per_worker: None (one worker) or a divisor of N.
+    """
+    where = "batch_norm"
+    use_batch_stats = training or running_mean is None or running_var is None
+    _check_batch_args(input, running_mean, running_var, weight, bias, momentum, eps,
+                      images_per_worker, use_batch_stats, where)
+    if not use_batch_stats:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if input.shape[0] == 0:  # empty batch: empty output, running statistics untouched
+        return F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
+    if input.dtype in (torch.float16, torch.bfloat16):
+        # computed in float32 and rounded once: torch's reduced-precision CPU kernels are less exact
+        up = [None if t is None else t.float() for t in (input, weight, bias)]
+        y, mean, var = _bn_workers(up[0], images_per_worker or input.shape[0], up[1], up[2],
+                                   float(eps))
+        y = y.to(input.dtype)
+    else:
+        y, mean, var = _bn_workers(input, images_per_worker or input.shape[0], weight, bias,
+                                   float(eps))
+    if training:
+        _update_running(running_mean, mean.mean(0), momentum)
+        _update_running(running_var, var.mean(0), momentum)
+    return y
+
+
+def _update_running(buf, value, momentum):
+    if buf is not None:
+        with torch.no_grad():
+            buf.mul_(1.0 - momentum).add_(value.to(buf.dtype), alpha=momentum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch Renormalization (Ioffe, 2017)
+# ---------------------------------------------------------------------------------------------
+
+def batch_renorm(input, running_mean, running_var, weight=None, bias=None, training=True,
+                 momentum=0.1, eps=1e-5, r_max=1.0, d_max=0.0, *, images_per_worker=None):
+    """Batch Renormalization (Ioffe, 2017), optionally per worker.
+
+    Training, per worker chunk B with batch mean mu_B and biased variance var_B:
+        sigma_B = sqrt(var_B + eps),  sigma = sqrt(running_var + eps),  mu = running_mean
+        r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+        d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+        y = weight * ((x - mu_B) / sigma_B * r + d) + bias
+    then (Ioffe's Algorithm 1, averaged over the workers' chunks)
+        mu    <- mu + momentum * (mean_w(mu_B) - mu)
+        sigma <- sigma + momentum * (mean_w(sigma_B) - sigma),  stored as running_var = sigma^2 - eps.
+    With r_max = 1, d_max = 0 this is BN. Eval (``training=False``) is BN with the running statistics.
+    """
+    where = "batch_renorm"
+    _check_batch_args(input, running_mean, running_var, weight, bias, momentum, eps,
+                      images_per_worker, training, where)
+    if running_mean is None or running_var is None:
+        raise ValueError(f"{where}: needs running_mean and running_var (the r, d corrections use them)")
+    if not r_max >= 1.0 or not d_max >= 0.0:
+        raise ValueError(f"{where}: needs r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+    if not training:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if input.shape[0] == 0:
+        return F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
+    acc = _acc_dtype(input.dtype)
+    mu = running_mean.detach().to(acc)
+    sigma = torch.sqrt(running_var.detach().to(acc) + eps)
+    view = _WorkerView(input, images_per_worker or input.shape[0])
+    xa = view.data.to(acc)
+    var_b, mu_b = torch.var_mean(xa, dim=view.dims, correction=0)  # (k, C), two-pass
+    sigma_b = torch.sqrt(var_b + eps)
+    r = (sigma_b.detach() / sigma).clamp(1.0 / r_max, r_max)
+    d = ((mu_b.detach() - mu) / sigma).clamp(-d_max, d_max)
+    z = (xa - view.stat(mu_b)) * view.stat(r / sigma_b) + view.stat(d)
+    if weight is not None:
+        z = z * view.stat(weight.to(acc).expand(view.k, -1))
+    if bias is not None:
+        z = z + view.stat(bias.to(acc).expand(view.k, -1))
+    with torch.no_grad():
+        new_mu = mu + momentum * (mu_b.mean(0) - mu)
+        new_sigma = sigma + momentum * (sigma_b.detach().mean(0) - sigma)
+        running_mean.copy_(new_mu.to(running_mean.dtype))
+        running_var.copy_((new_sigma * new_sigma - eps).clamp_min(0.0).to(running_var.dtype))
+    return view.back(z.to(input.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight Standardization
+# ---------------------------------------------------------------------------------------------
+
+def weight_standardize(weight, eps=1e-5):
+    """Weight Standardization (Qiao et al., 2019) of a (O, *rest) weight, per output filter o:
+
+        W_hat[o] = (W[o] - mean(W[o])) / sqrt(var(W[o]) + eps)     (mean, biased var over *rest)
+
+    Differentiable; used by ``groupnorm.nn.WSConv2d`` on every forward pass.
+    """
+    where = "weight_standardize"
+    _checks.check_input(weight, where)
+    _checks.check_eps(eps, where)
+    flat = weight.reshape(weight.shape[0], -1)
+    acc = _acc_dtype(weight.dtype)
+    var, mean = torch.var_mean(flat.to(acc), dim=1, correction=0, keepdim=True)
+    return ((flat.to(acc) - mean) * torch.rsqrt(var + eps)).to(weight.dtype).view_as(weight)
