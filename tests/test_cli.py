@@ -1,0 +1,139 @@
+"""`groupnorm train|eval` (and the study/report hook): options, errors, a real torchrun run."""
+import dataclasses
+import gzip
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from groupnorm import cli
+from groupnorm.train import Config
+
+
+def _write_idx(path, array):
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fake_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 48), ("t10k", 20)):
+        labels = np.arange(n) % 10
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return str(root)
+
+
+TINY = ["--workers", "2", "--images-per-worker", "8", "--train-subset", "16", "--epochs", "1",
+        "--model", "small_resnet", "--model-args", "{width: 4, depth: 8}", "--norm", "bn", "--threads", "1",
+        "--no-progress"]
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(Config):
+        assert "--" + field.name.replace("_", "-") in text
+        assert " ".join(field.metadata["help"].split())[:40] in text, field.name
+    assert "key=value" in text
+
+
+def test_dry_run_resolves_file_then_pairs_then_flags(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    Config(epochs=5, workers=4, norm="gn:4").dump(path)
+    code = cli.main(["train", "--config", str(path), "--dry-run", "workers=2", "lr_steps=[0.5]",
+                     "--norm", "bn", "--sync-bn", "model_args.width=32", "--images-per-worker", "2"])
+    assert code == 0
+    got = yaml.safe_load(capsys.readouterr().out)
+    assert got["epochs"] == 5 and got["workers"] == 2 and got["norm"] == "bn" and got["sync_bn"] is True
+    assert got["lr_steps"] == [0.5] and got["model_args"] == {"width": 32} and got["images_per_worker"] == 2
+
+
+def test_bad_key_is_reported_with_the_valid_ones(capsys):
+    assert cli.main(["train", "--dry-run", "imags_per_worker=4"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'imags_per_worker'" in err and "did you mean 'images_per_worker'" in err
+    assert "valid keys:" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--wrokers", "2"])
+
+
+def test_missing_dataset_message(tmp_path, capsys):
+    assert cli.main(["train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and "--data-dir" in err
+
+
+def test_train_then_eval(tmp_path, fake_dir, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--data-dir", fake_dir, "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["epochs"] == 1 and "history" not in result
+    assert cli.main(["eval", str(out), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["error"] == pytest.approx(result["val_error"]) and evaluated["split"] == "val"
+    assert cli.main(["eval", str(out), "--split", "train"]) == 0
+    assert "train error" in capsys.readouterr().out
+    assert cli.main(["eval", str(tmp_path)]) == 1  # not a run directory
+    # A second train into the same directory needs --resume.
+    assert cli.main(["train", *TINY, "--data-dir", fake_dir, "--out", str(out)]) == 1
+    assert "resume" in capsys.readouterr().err
+
+
+def test_studies_register_when_present(monkeypatch):
+    real = importlib.import_module
+
+    def missing(name, *args):
+        if name == "groupnorm.studies.cli":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args)
+
+    def broken(name, *args):
+        if name == "groupnorm.studies.cli":
+            raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+        return real(name, *args)
+
+    monkeypatch.setattr(cli.importlib, "import_module", missing)
+    assert "study" not in cli.build_parser().format_help().split("COMMAND")[-1].split()
+    monkeypatch.setattr(cli.importlib, "import_module", broken)
+    with pytest.raises(ModuleNotFoundError, match="matplotlib"):
+        cli.build_parser()
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_torchrun_matches_simulated(tmp_path, fake_dir):
+    """`torchrun --nproc_per_node 2 -m groupnorm train --launcher torchrun` gives what the simulated
+    workers give (same loss and validation error, same parameters)."""
+    if shutil.which("torchrun") is None and importlib.util.find_spec("torch.distributed.run") is None:
+        pytest.skip("torchrun not available")
+    from groupnorm.train import run
+    from groupnorm.train.checkpoint import load_checkpoint
+    import torch
+    args = [*TINY, "--data-dir", fake_dir]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "groupnorm", "train", *args, "--launcher", "torchrun", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    cfg = cli.resolve_config(cli.build_parser().parse_args(["train", *args, "--out", str(tmp_path / "sim")]))
+    sim = run(cfg)
+    assert ddp["history"][0]["train_loss"] == pytest.approx(sim["history"][0]["train_loss"], rel=1e-6)
+    assert ddp["val_error"] == sim["val_error"]
+    a = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "sim" / "checkpoint.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
