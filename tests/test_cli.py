@@ -1,6 +1,5 @@
 """`groupnorm train|eval` (and the study/report hook): options, errors, a real torchrun run."""
 import dataclasses
-import gzip
 import importlib
 import json
 import os
@@ -8,35 +7,22 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import yaml
 
 from groupnorm import cli
 from groupnorm.train import Config
-
-
-def _write_idx(path, array):
-    array = np.asarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-@pytest.fixture(scope="module")
-def fake_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fashion")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 48), ("t10k", 20)):
-        labels = np.arange(n) % 10
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return str(root)
+from helpers import fake_fashion
 
 
 TINY = ["--workers", "2", "--images-per-worker", "8", "--train-subset", "16", "--epochs", "1",
         "--model", "small_resnet", "--model-args", "{width: 4, depth: 8}", "--norm", "bn", "--threads", "1",
         "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def fake_dir(tmp_path_factory):
+    return fake_fashion(tmp_path_factory.mktemp("fashion"), 48, 20)
 
 
 def test_help_explains_every_option(capsys):

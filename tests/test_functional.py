@@ -11,29 +11,10 @@ from hypothesis import strategies as st
 import groupnorm
 from groupnorm import functional as GF
 from groupnorm import reference as R
+from helpers import assert_close, layout, rand
 
-TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 SHAPES = {2: (6, 8), 3: (4, 8, 7), 4: (3, 8, 5, 4), 5: (2, 8, 3, 4, 3)}
-
-
-def layout(x, name):
-    """x in memory format ``name``: "contiguous" or "channels_last" ((N, *spatial, C) in memory)."""
-    if name == "contiguous" or x.dim() == 2:
-        return x.contiguous()
-    return x.movedim(1, -1).contiguous().movedim(-1, 1)   # channels_last / _3d, or the 3-D analogue
-
-
-def rand(shape, dtype=torch.float64, mean=0.7, seed=0, fmt="contiguous"):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5 + mean
-    return layout(x.to(dtype), fmt)
-
-
-def assert_close(got, ref, dtype, what=""):
-    got = got.detach().double().numpy()
-    scale = max(float(np.abs(ref).max()), 1.0) if ref.size else 1.0
-    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL[dtype] * scale, err_msg=what)
 
 
 def run_and_grads(fn, inputs, grad_y):

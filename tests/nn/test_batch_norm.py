@@ -10,37 +10,11 @@ import torch
 from groupnorm import functional as GF
 from groupnorm import nn as gnn
 from groupnorm import reference as R
+from helpers import assert_close, rand, randomize
 
-TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 SHAPES = {2: (6, 4), 3: (4, 4, 5), 4: (4, 4, 3, 5), 5: (4, 4, 2, 3, 2)}
 TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
             5: torch.nn.BatchNorm3d}
-
-
-def layout(x, fmt):
-    if fmt == "contiguous" or x.dim() == 2:
-        return x.contiguous()
-    return x.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
-def rand(shape, dtype=torch.float64, mean=0.5, seed=0, fmt="contiguous"):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return layout((x * 1.3 + mean).to(dtype), fmt)
-
-
-def close(got, ref, dtype, what=""):
-    got = got.detach().double().numpy()
-    ref = ref.detach().double().numpy() if isinstance(ref, torch.Tensor) else ref
-    scale = max(float(np.abs(ref).max()), 1.0)
-    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL[dtype] * scale, err_msg=what)
-
-
-def randomize(module, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + 1.0)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,18 +37,18 @@ def test_batch_norm_vs_torch_and_reference(rank, fmt, dtype):
         y.backward(gy)
         ref, _, _ = R.normalize(x, "bn", weight=ours.weight, bias=ours.bias)
         grads = R.normalize_backward(gy, x, "bn", weight=ours.weight, bias=ours.bias)
-        close(y, ref, dtype, "y")
-        close(xg.grad, grads["x"], dtype, "dx")
-        close(ours.weight.grad, grads["weight"], dtype, "dweight")
-        close(ours.bias.grad, grads["bias"], dtype, "dbias")
-        close(y, theirs(x.double()), dtype, "torch")
-    close(ours.running_mean, theirs.running_mean, dtype, "running_mean")
-    close(ours.running_var, theirs.running_var, dtype, "running_var")
+        assert_close(y, ref, dtype, "y")
+        assert_close(xg.grad, grads["x"], dtype, "dx")
+        assert_close(ours.weight.grad, grads["weight"], dtype, "dweight")
+        assert_close(ours.bias.grad, grads["bias"], dtype, "dbias")
+        assert_close(y, theirs(x.double()), dtype, "torch")
+    assert_close(ours.running_mean, theirs.running_mean, dtype, "running_mean")
+    assert_close(ours.running_var, theirs.running_var, dtype, "running_var")
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 2
     ours.eval()
     theirs.eval()
     x = rand(shape, dtype, seed=9, fmt=fmt)
-    close(ours(x), theirs(x.double()), dtype, "eval")
+    assert_close(ours(x), theirs(x.double()), dtype, "eval")
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
@@ -246,21 +220,21 @@ def test_renorm_formula_and_stop_gradient(per, dtype):
         x_hat = R.normalize(xs, "bn")[0]
         cv = (1, -1, 1, 1)
         expected = gamma.reshape(cv) * (x_hat * r.reshape(cv) + d.reshape(cv)) + beta.reshape(cv)
-        close(y[i * chunk:(i + 1) * chunk], expected, dtype, "y")
+        assert_close(y[i * chunk:(i + 1) * chunk], expected, dtype, "y")
         # stop-gradient: dx is BN's backward with a per-channel scale gamma * r
         dx = R.normalize_backward(gs, xs, "bn", weight=gamma * r)["x"]
-        close(xg.grad[i * chunk:(i + 1) * chunk], dx, dtype, "dx")
+        assert_close(xg.grad[i * chunk:(i + 1) * chunk], dx, dtype, "dx")
         mus.append(mu_b)
         sigmas.append(sigma_b)
     assert ((r > 1 / 1.5) & (r < 1.5)).any() and (np.abs(d) < 0.5).any()   # not all clipped
     new_sigma = sigma + 0.2 * (np.mean(sigmas, 0) - sigma)
-    close(m.running_mean, rm0 + 0.2 * (np.mean(mus, 0) - rm0), dtype, "running_mean")
-    close(m.running_var, new_sigma ** 2 - m.eps, dtype, "running_var")
+    assert_close(m.running_mean, rm0 + 0.2 * (np.mean(mus, 0) - rm0), dtype, "running_mean")
+    assert_close(m.running_var, new_sigma ** 2 - m.eps, dtype, "running_var")
     m.eval()   # eval: BN with the running statistics
     cv = (1, -1, 1, 1)
     rm1, rv1 = m.running_mean.double().numpy(), m.running_var.double().numpy()
     expected = gamma.reshape(cv) * (x64 - rm1.reshape(cv)) / np.sqrt(rv1.reshape(cv) + m.eps)
-    close(m(x), expected + beta.reshape(cv), dtype, "eval")
+    assert_close(m(x), expected + beta.reshape(cv), dtype, "eval")
 
 
 def test_renorm_gradcheck_where_clipped():

@@ -1,7 +1,6 @@
 """groupnorm.nn.GroupNorm / LayerNorm / InstanceNorm against torch.nn.GroupNorm and the float64
 reference, forward and backward, every rank, layout and dtype; state_dict interchange."""
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,34 +8,9 @@ from hypothesis import strategies as st
 
 from groupnorm import nn as gnn
 from groupnorm import reference as R
+from helpers import assert_close, rand, randomize
 
-TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 SHAPES = {2: (5, 8), 3: (3, 8, 6), 4: (2, 8, 5, 3), 5: (2, 8, 2, 3, 4)}
-
-
-def layout(x, fmt):
-    if fmt == "contiguous" or x.dim() == 2:
-        return x.contiguous()
-    return x.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
-def rand(shape, dtype=torch.float64, mean=0.5, seed=0, fmt="contiguous"):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return layout((x * 1.2 + mean).to(dtype), fmt)
-
-
-def close(got, ref, dtype, what=""):
-    got = got.detach().double().numpy()
-    scale = max(float(np.abs(ref).max()), 1.0)
-    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL[dtype] * scale, err_msg=what)
-
-
-def randomize(module, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + 1.0)
-    return module
 
 
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
@@ -53,10 +27,10 @@ def test_group_norm_vs_torch_and_reference(rank, fmt, dtype):
     y.backward(gy)
     ref, _, _ = R.normalize(x, "gn", 4, ours.weight, ours.bias)
     grads = R.normalize_backward(gy, x, "gn", 4, ours.weight, ours.bias)
-    close(y, ref, dtype, "y")
-    close(x1.grad, grads["x"], dtype, "dx")
-    close(ours.weight.grad, grads["weight"], dtype, "dweight")
-    close(ours.bias.grad, grads["bias"], dtype, "dbias")
+    assert_close(y, ref, dtype, "y")
+    assert_close(x1.grad, grads["x"], dtype, "dx")
+    assert_close(ours.weight.grad, grads["weight"], dtype, "dweight")
+    assert_close(ours.bias.grad, grads["bias"], dtype, "dbias")
     # torch agrees too where its kernel is accurate (float64; lower precisions: loose bound)
     y2 = theirs(x2.contiguous())
     y2.backward(gy.contiguous())
@@ -77,10 +51,10 @@ def test_activation_and_residual(act):
     y.backward(gy)
     ref, _, _ = R.normalize(x, "gn", 4, m.weight, m.bias, activation=act, residual=res)
     grads = R.normalize_backward(gy, x, "gn", 4, m.weight, m.bias, activation=act, residual=res)
-    close(y, ref, torch.float64)
-    close(xg.grad, grads["x"], torch.float64)
-    close(rg.grad, grads["residual"], torch.float64)
-    close(m.weight.grad, grads["weight"], torch.float64)
+    assert_close(y, ref, torch.float64)
+    assert_close(xg.grad, grads["x"], torch.float64)
+    assert_close(rg.grad, grads["residual"], torch.float64)
+    assert_close(m.weight.grad, grads["weight"], torch.float64)
 
 
 @settings(max_examples=20, deadline=None)
@@ -91,7 +65,7 @@ def test_group_norm_module_property(groups, per_group, n, spatial, use_size, see
     m = gnn.GroupNorm(num_channels=c, group_size=per_group) if use_size else gnn.GroupNorm(groups, c)
     randomize(m, seed).double()
     x = rand((n, c, *spatial), seed=seed, mean=2.0)
-    close(m(x), R.normalize(x, "gn", groups, m.weight, m.bias)[0], torch.float64)
+    assert_close(m(x), R.normalize(x, "gn", groups, m.weight, m.bias)[0], torch.float64)
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
@@ -100,8 +74,8 @@ def test_layer_and_instance_norm(fmt):
     ln, inorm = randomize(gnn.LayerNorm(6), 9), randomize(gnn.InstanceNorm(6), 10)
     assert ln.num_groups == 1 and inorm.num_groups == 6
     assert repr(ln) == "LayerNorm(6, eps=1e-05, affine=True)"
-    close(ln(x), R.normalize(x, "ln", weight=ln.weight, bias=ln.bias)[0], torch.float32)
-    close(inorm(x), R.normalize(x, "in", weight=inorm.weight, bias=inorm.bias)[0], torch.float32)
+    assert_close(ln(x), R.normalize(x, "ln", weight=ln.weight, bias=ln.bias)[0], torch.float32)
+    assert_close(inorm(x), R.normalize(x, "in", weight=inorm.weight, bias=inorm.bias)[0], torch.float32)
     assert gnn.LayerNorm(6, affine=False).weight is None
 
 

@@ -1,5 +1,4 @@
 """The engine: recipe schedule, per-worker BN, simulated == torchrun, exact resume, checkpoints, probe."""
-import gzip
 import importlib.util
 import json
 import os
@@ -17,28 +16,14 @@ from groupnorm.train.checkpoint import (atomic_write, load_checkpoint, rng_state
 from groupnorm.train.data import FASHION_DIR
 from groupnorm.train.distributed import Context, spawn
 from groupnorm.train.probe import percentiles
+from helpers import fake_fashion
 
 TIMING = ("seconds", "images_per_s")
 
 
-def _write_idx(path, array):
-    array = np.asarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
 @pytest.fixture(scope="module")
 def fake_dir(tmp_path_factory):
-    """A tiny Fashion-MNIST look-alike (random pixels with a class-dependent brightness)."""
-    root = tmp_path_factory.mktemp("fashion")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 96), ("t10k", 40)):
-        labels = np.arange(n) % 10
-        images = np.clip(rng.normal(20 * labels[:, None, None], 30, (n, 28, 28)), 0, 255)
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return str(root)
+    return fake_fashion(tmp_path_factory.mktemp("fashion"), 96, 40)
 
 
 def tiny(out, data_dir, **kw):

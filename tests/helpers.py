@@ -1,0 +1,58 @@
+"""Shared test helpers: random inputs in a memory format, dtype-aware comparison, tiny IDX datasets."""
+
+import gzip
+
+import numpy as np
+import torch
+
+# absolute tolerance, relative to the largest |reference| value, per dtype
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def layout(x, fmt):
+    """x in memory format ``fmt``: "contiguous" or "channels_last" ((N, *spatial, C) in memory)."""
+    if fmt == "contiguous" or x.dim() == 2:
+        return x.contiguous()
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)   # channels_last / _3d, or the 3-D analogue
+
+
+def rand(shape, dtype=torch.float64, mean=0.5, seed=0, fmt="contiguous", std=1.3):
+    """Normal(mean, std) values (never zeros), drawn in float64 then cast, in memory format ``fmt``."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return layout((x * std + mean).to(dtype), fmt)
+
+
+def assert_close(got, ref, dtype, what=""):
+    """|got - ref| <= TOL[dtype] * max(|ref|, 1) elementwise; ref is a tensor or an ndarray."""
+    got = got.detach().double().numpy()
+    ref = ref.detach().double().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
+    scale = max(float(np.abs(ref).max()), 1.0) if ref.size else 1.0
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL[dtype] * scale, err_msg=what)
+
+
+def randomize(module, seed):
+    """Give every parameter of ``module`` random values around 1 (so gamma and beta matter)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + 1.0)
+    return module
+
+
+def write_idx(path, array):
+    """Write ``array`` as a gzipped IDX file of unsigned bytes (the MNIST / Fashion-MNIST format)."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def fake_fashion(root, n_train, n_val, seed=0):
+    """A tiny Fashion-MNIST look-alike in ``root``: random pixels with a class-dependent brightness."""
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_val)):
+        labels = np.arange(n) % 10
+        images = np.clip(rng.normal(20 * labels[:, None, None], 30, (n, 28, 28)), 0, 255)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return str(root)
