@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import os
 import threading
 
@@ -82,12 +81,33 @@ if "GROUPNORM_BACKEND" in os.environ:
 
 
 def _choose_auto(x, weight=None, bias=None, residual=None, activation=None) -> str:
-    """The backend "auto" picks for this call.
+    """The backend "auto" picks for this call: where our kernels are correct and faster, else "native".
 
-    For now always "native": the fused kernels plug in here (DESIGN.md: "cpu" for fp32/fp64 CPU
-    tensors, "triton" for CUDA tensors when Triton is importable, "native" elsewhere).
+    "cpu" for float32/float64 CPU tensors that are channels_last-like (our kernel won at every size
+    measured) or have >= 2^20 elements (below that, in NCHW, fixed per-call costs make forward +
+    backward slower than torch's); see docs/PERFORMANCE.md and benchmarks/bench_kernels.py. Only if
+    the Numba kernels import. "native" elsewhere (CUDA: no GPU measurement yet).
     """
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and ((x.dim() > 2 and not x.is_contiguous()) or x.numel() >= 1 << 20)
+            and _cpu_kernels_available()):
+        return "cpu"
     return "native"
+
+
+_cpu_ok = None
+
+
+def _cpu_kernels_available() -> bool:
+    """Whether groupnorm.kernels.cpu (Numba) imports; tried once."""
+    global _cpu_ok
+    if _cpu_ok is None:
+        try:
+            importlib.import_module("groupnorm.kernels.cpu")
+            _cpu_ok = True
+        except Exception:  # Numba missing or broken: "auto" stays on torch's ops
+            _cpu_ok = False
+    return _cpu_ok
 
 
 def resolve_backend(x, weight=None, bias=None, residual=None, activation=None) -> str:
@@ -153,22 +173,17 @@ def native_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activatio
 # ---------------------------------------------------------------------------------------------
 
 _op_module = None
-_op_takes_backend = False
 
 
 def _load_op(name: str):
     """groupnorm.kernels.op, imported on first use, with a clear error when it cannot be."""
-    global _op_module, _op_takes_backend
+    global _op_module
     if _op_module is None:
         try:
             _op_module = importlib.import_module("groupnorm.kernels.op")
         except Exception as exc:  # ImportError, or a kernel library failing at import time
             raise RuntimeError(f"backend {name!r} unavailable: cannot import groupnorm.kernels.op "
                                f"({type(exc).__name__}: {exc}); use set_backend('native')") from exc
-        try:
-            _op_takes_backend = "backend" in inspect.signature(_op_module.group_norm).parameters
-        except (TypeError, ValueError, AttributeError):
-            _op_takes_backend = False
     if not hasattr(_op_module, "group_norm"):
         raise RuntimeError(f"backend {name!r} unavailable: groupnorm.kernels.op has no group_norm")
     return _op_module
@@ -185,6 +200,4 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     if name == "cpu" and x.device.type != "cpu":
         raise RuntimeError(f"backend 'cpu' needs CPU tensors, got a tensor on {x.device}")
     op = _load_op(name)
-    if _op_takes_backend:
-        return op.group_norm(x, num_groups, weight, bias, eps, activation, residual, backend=name)
-    return op.group_norm(x, num_groups, weight, bias, eps, activation, residual)
+    return op.group_norm(x, num_groups, weight, bias, eps, activation, residual, impl=name)

@@ -1,0 +1,9 @@
+"""Fused Group Normalization kernels.
+
+* ``groupnorm.kernels.cpu``: Numba, CPU, float32/float64.
+* ``groupnorm.kernels.triton``: Triton, GPU (CPU through ``TRITON_INTERPRET=1``).
+* ``groupnorm.kernels.op``: the ``torch.library`` custom op that dispatches to them, with autograd.
+
+Both kernel modules expose the same ``forward(...)`` / ``backward(...)`` (docs/DESIGN.md, "Kernel
+contract"). Nothing is imported here: Numba and Triton load only when a module above is imported.
+"""

@@ -1,0 +1,876 @@
+"""Numba task kernels behind ``groupnorm.kernels.cpu`` (see its docstring for the math and layouts).
+
+Every parallel kernel here is a *serial*, GIL-free function over a range of tasks [t0, t1);
+``cpu._run`` hands the ranges to threads. Why not ``prange``: each parfor is compiled into a gufunc that
+relinks and re-optimizes every helper it calls, which made the first call take ~10 s per kernel and
+dtype on our (shared) 2-core machine; serial task functions compile once each (and are cached on
+disk).
+
+Array conventions (x's dtype unless noted):
+    "cf" x, r, y, dy, dx, dr: (N, C*S);  "cl": (N, S, C).
+    r is x itself when there is no residual, with rc = 0 (adding rc * r is then exactly + 0).
+    coef (N, 8, C): per (n, c) [hi, lo, gamma*rstd, beta, dx_dz, dx_xc, dx_const, unused], where
+        x - mean = (x - hi) - lo (hi the stored mean, lo its float64 remainder or 0) and
+        dx = dx_dz * dz + dx_xc * ((x - hi) - lo) + dx_const.
+    part: float64 per-task partial sums; ab (N, 2, C) float64: per (n, c) sum(dz), sum(dz * (x - mean)).
+
+Everything compiled lives in this one file on purpose: Numba's disk cache is keyed on the file that
+defines a function, not on the files whose functions it inlines, so a helper kept in another module
+could be edited without invalidating the cached kernels that inline it.
+
+Activations and their derivatives (first section), float32 and float64:
+
+        relu(z) = max(z, 0)                     relu'(z) = 1 if z > 0 else 0   (as torch)
+        silu(z) = z * s,  s = 1 / (1 + e^-z)    silu'(z) = s * (1 + z * (1 - s)),  1 - s = e^-z s
+        gelu(z) = z * Phi(z)                    gelu'(z) = Phi(z) + z * phi(z)   (exact, erf form)
+
+    Why our own float32 exp and erf: LLVM vectorizes a loop only when it can see through its body, and
+    libm's expf/erf are opaque calls (with libm's erf, float32 GELU cost ~26 ns per element against ~1
+    ns here). The float32 versions here are branch-free straight-line code that vectorizes to 8 lanes:
+
+    * exp(x) = 2^k e^r, k = round(x / ln 2), r = x - k ln 2 (ln 2 split in two, Cody-Waite, so k * _LN2_HI
+      is exact), e^r by its Taylor series to r^7 (|r| <= 0.347: truncation < 1e-8), 2^k from exponent bits.
+    * Phi(z) = 0.5 + 0.5 erf(t) for |t| < 1 and from erfc(|t|) beyond (t = z / sqrt 2), so that Phi keeps
+      its relative accuracy in the left tail, where 1 + erf(t) would cancel:
+      erf(t) = t P(t^2) and erfc(a) = e^(-a^2) Q(2/a - 1) / a, with P (degree 6) and Q (degree 10) our own
+      Chebyshev least-squares fits (float64, 4000 and 6000 nodes) of erf(t)/t on [0, 1] and of
+      erfc(a) e^(a^2) a on 1/a in [1/26, 1]; max relative error 1.4e-9 and 2e-7 before float32 rounding.
+
+    They are accurate to a few float32 ulps (tests/kernels/test_cpu.py checks them against float64). Multiply-adds may fuse (fastmath "contract" here only: the statistics never use it).
+    Float64 uses ``math`` (exact to the last bit or two); it is not a performance target.
+
+    Each helper dispatches on its argument's type at compile time (``numba.extending.overload``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+OPTS = dict(cache=True, nogil=True, error_model="numpy")   # fastmath off: exact, fixed-order sums
+W = 64             # lanes of the group sums (a fixed summation tree; fewer stall on store forwarding)
+WD = 32            # lanes of the per-channel sums of the backward (a shorter fold per channel)
+SHORT = 192        # shorter per-channel runs use _dots_short (measured crossover)
+R = 16             # blocks (or "cl" rows) summed in x's dtype before a float64 flush
+BLK = 2048         # longest run of one channel handled at once ("cf" backward scratch)
+LO_THRESHOLD = 4.0
+
+
+# -------------------------------------------------------------------------------------------------
+# Activations
+# -------------------------------------------------------------------------------------------------
+
+_MATH_OPTS = dict(OPTS, fastmath={"contract"})   # activations only; sums never contract
+
+f32 = np.float32
+_LOG2E = f32(1.4426950408889634)
+_LN2_HI = f32(0.693359375)
+_LN2_LO = f32(-2.12194440054690583e-4)
+_E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7 = (f32(1.0 / math.factorial(k)) for k in range(8))
+_EXP_LO = f32(-87.0)       # e^-87 is still a normal float32
+_EXP_HI = f32(88.0)        # k <= 127: the exponent bits do not overflow
+_BIAS = f32(127.0)
+_MANT = f32(8388608.0)     # 2^23: (k + 127) * 2^23 is the bit pattern of 2^k
+_HALF = f32(0.5)
+_ONE = f32(1.0)
+_TWO = f32(2.0)
+_ZERO = f32(0.0)
+_SQRT1_2 = f32(0.7071067811865476)
+_INV_SQRT_2PI = f32(0.3989422804014327)
+_P = [f32(c) for c in (1.128379165883329, -0.3761262690789193, 0.11283597491556897,
+                       -0.026854329538184476, 0.005189312812450873, -0.0008018859013996837,
+                       7.8825004462037e-05)]
+_P0, _P1, _P2, _P3, _P4, _P5, _P6 = _P
+_Q = [f32(c) for c in (0.5107913388581031, -0.08360487646915386, -0.009157608292073929,
+                       0.014856387072623226, -0.006801423114657222, 0.0014145240671239747,
+                       0.0006315104384716734, -0.0010320847056149933, 0.0005337079144870706,
+                       6.177422249595213e-05, -0.00010971751800330879)]
+_Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7, _Q8, _Q9, _Q10 = _Q
+_INV_SQRT2_64 = 0.7071067811865476
+_INV_SQRT_2PI_64 = 0.3989422804014327
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """Reinterpret an int32 bit pattern as float32 (no instruction; vectorizable)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(**_MATH_OPTS)
+def exp_f32(x):
+    """e^x for float32 x, relative error < 2e-7 (x clamped to [-87, 88])."""
+    x = min(max(x, _EXP_LO), _EXP_HI)
+    k = np.floor(x * _LOG2E + _HALF)
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    p = _E0 + r * (_E1 + r * (_E2 + r * (_E3 + r * (_E4 + r * (_E5 + r * (_E6 + r * _E7))))))
+    return p * _f32_from_bits(np.int32((k + _BIAS) * _MANT))
+
+
+@njit(**_MATH_OPTS)
+def phi_f32(z):
+    """(Phi(z), e^(-z^2/2)) for float32 z: the Gaussian CDF and the unnormalized density."""
+    a = abs(z * _SQRT1_2)
+    u = a * a
+    e = exp_f32(-u)
+    small = _HALF + _HALF * (z * _SQRT1_2) * (
+        _P0 + u * (_P1 + u * (_P2 + u * (_P3 + u * (_P4 + u * (_P5 + u * _P6))))))
+    s = _TWO / a - _ONE
+    q = _Q0 + s * (_Q1 + s * (_Q2 + s * (_Q3 + s * (_Q4 + s * (_Q5 + s * (_Q6 + s * (
+        _Q7 + s * (_Q8 + s * (_Q9 + s * _Q10)))))))))
+    half_erfc = _HALF * e * q / a
+    large = _ONE - half_erfc if z > _ZERO else half_erfc
+    return (small if a < _ONE else large), e
+
+
+# Python stubs; the compiled versions come from the overloads below.
+def relu(z): raise NotImplementedError      # noqa: E704
+def drelu(z): raise NotImplementedError     # noqa: E704
+def silu(z): raise NotImplementedError      # noqa: E704
+def dsilu(z): raise NotImplementedError     # noqa: E704
+def gelu(z): raise NotImplementedError      # noqa: E704
+def dgelu(z): raise NotImplementedError     # noqa: E704
+
+
+def _is32(z):
+    return z == types.float32
+
+
+@overload(relu, jit_options=OPTS)
+def _ov_relu(z):
+    zero = _ZERO if _is32(z) else 0.0
+    return lambda z: zero if z <= zero else z      # NaN stays NaN, as in torch
+
+
+@overload(drelu, jit_options=OPTS)
+def _ov_drelu(z):
+    zero, one = (_ZERO, _ONE) if _is32(z) else (0.0, 1.0)
+    return lambda z: one if z > zero else zero
+
+
+@overload(silu, jit_options=_MATH_OPTS)
+def _ov_silu(z):
+    if _is32(z):
+        return lambda z: z / (_ONE + exp_f32(-z))
+    return lambda z: z / (1.0 + math.exp(-z))
+
+
+@overload(dsilu, jit_options=_MATH_OPTS)
+def _ov_dsilu(z):
+    # 1 - s is computed as e * s (e = e^-z): no cancellation when s -> 1.
+    if _is32(z):
+        def impl(z):
+            e = exp_f32(-z)
+            s = _ONE / (_ONE + e)
+            return s * (_ONE + z * (e * s))
+        return impl
+
+    def impl64(z):
+        e = math.exp(-z)
+        s = 1.0 / (1.0 + e)
+        return s * (1.0 + z * (e * s))
+    return impl64
+
+
+@overload(gelu, jit_options=_MATH_OPTS)
+def _ov_gelu(z):
+    if _is32(z):
+        return lambda z: z * phi_f32(z)[0]
+    return lambda z: 0.5 * z * math.erfc(-z * _INV_SQRT2_64)
+
+
+@overload(dgelu, jit_options=_MATH_OPTS)
+def _ov_dgelu(z):
+    if _is32(z):
+        def impl(z):
+            p, e = phi_f32(z)
+            return p + z * _INV_SQRT_2PI * e
+        return impl
+
+    def impl64(z):
+        return (0.5 * math.erfc(-z * _INV_SQRT2_64)
+                + z * _INV_SQRT_2PI_64 * math.exp(-0.5 * z * z))
+    return impl64
+
+
+
+# -------------------------------------------------------------------------------------------------
+# Sums. Two levels: W lanes accumulate R blocks of W elements in x's dtype (values shifted by a data
+# sample, so small and centred: no cancellation), then flush into float64 lanes; the lanes fold
+# pairwise at the end. The order depends on the shape only. (A float64 reduction written as a plain
+# loop does not vectorize without fastmath "reassoc"; independent lanes do.)
+#
+# Hot loops create their array views (slices) inside the function that loops: passing fresh views to
+# a non-inlined call costs two atomic reference-count updates per call, which per row or channel
+# was the largest cost of the kernels.
+# -------------------------------------------------------------------------------------------------
+
+@njit(**OPTS)
+def _fold(a):
+    w = a.shape[0]
+    while w > 1:
+        w //= 2
+        for j in range(w):
+            a[j] += a[j + w]
+    return a[0]
+
+
+@njit(**OPTS)
+def _sums(v, i0, i1, K, acc, accx):
+    """(sum(v - K), sum((v - K)^2)) over v[i0:i1], in float64; K has v's dtype.
+    acc: (2, W) float64 scratch; accx: (2, W) scratch in v's dtype."""
+    a1 = acc[0]
+    a2 = acc[1]
+    f1 = accx[0]
+    f2 = accx[1]
+    for j in range(W):
+        a1[j] = 0.0
+        a2[j] = 0.0
+    i = i0
+    while i + W <= i1:
+        nb = min(R, (i1 - i) // W)
+        for j in range(W):
+            f1[j] = 0.0
+            f2[j] = 0.0
+        blk = v[i:i + nb * W]
+        for k in range(nb):
+            for j in range(W):
+                d = blk[k * W + j] - K
+                f1[j] += d
+                f2[j] += d * d
+        for j in range(W):
+            a1[j] += f1[j]
+            a2[j] += f2[j]
+        i += nb * W
+    for j in range(i1 - i):
+        d = np.float64(v[i + j]) - np.float64(K)
+        a1[j] += d
+        a2[j] += d * d
+    return _fold(a1), _fold(a2)
+
+
+def _zero(a):
+    raise NotImplementedError
+
+
+@overload(_zero, jit_options=OPTS)
+def _ov_zero(a):
+    zero = _ZERO if a.dtype == types.float32 else 0.0
+    return lambda a: zero
+
+
+@njit(**OPTS)
+def _dots_short(dz, dzo, x, xo, L, hi, lo):
+    """_dots for short runs (L < SHORT, e.g. 7x7 or 14x14 channels): 8 accumulators in x's dtype
+    (<= SHORT / 8 terms each), summed in float64; no lane arrays to clear and fold, which cost more
+    than such a run itself."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _zero(dz)
+    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = _zero(dz)
+    m = L - L % 8
+    for i in range(0, m, 8):
+        d = dz[dzo + i:dzo + i + 8]
+        v = x[xo + i:xo + i + 8]
+        a0 += d[0]
+        a1 += d[1]
+        a2 += d[2]
+        a3 += d[3]
+        a4 += d[4]
+        a5 += d[5]
+        a6 += d[6]
+        a7 += d[7]
+        b0 += d[0] * ((v[0] - hi) - lo)
+        b1 += d[1] * ((v[1] - hi) - lo)
+        b2 += d[2] * ((v[2] - hi) - lo)
+        b3 += d[3] * ((v[3] - hi) - lo)
+        b4 += d[4] * ((v[4] - hi) - lo)
+        b5 += d[5] * ((v[5] - hi) - lo)
+        b6 += d[6] * ((v[6] - hi) - lo)
+        b7 += d[7] * ((v[7] - hi) - lo)
+    f = np.float64
+    s1 = ((f(a0) + f(a1)) + (f(a2) + f(a3))) + ((f(a4) + f(a5)) + (f(a6) + f(a7)))
+    s2 = ((f(b0) + f(b1)) + (f(b2) + f(b3))) + ((f(b4) + f(b5)) + (f(b6) + f(b7)))
+    for i in range(m, L):
+        d64 = f(dz[dzo + i])
+        s1 += d64
+        s2 += d64 * f((x[xo + i] - hi) - lo)
+    return s1, s2
+
+
+@njit(**OPTS)
+def _dots(dz, dzo, x, xo, L, hi, lo, acc, accx):
+    """(sum(dz), sum(dz * ((x - hi) - lo))) over dz[dzo:dzo+L] and x[xo:xo+L], in float64."""
+    a1 = acc[0]
+    a2 = acc[1]
+    f1 = accx[0]
+    f2 = accx[1]
+    for j in range(WD):
+        a1[j] = 0.0
+        a2[j] = 0.0
+    i = 0
+    while i + WD <= L:
+        nb = min(R, (L - i) // WD)
+        for j in range(WD):
+            f1[j] = 0.0
+            f2[j] = 0.0
+        bd = dz[dzo + i:dzo + i + nb * WD]
+        bx = x[xo + i:xo + i + nb * WD]
+        for k in range(nb):
+            for j in range(WD):
+                d = bd[k * WD + j]
+                f1[j] += d
+                f2[j] += d * ((bx[k * WD + j] - hi) - lo)
+        for j in range(WD):
+            a1[j] += f1[j]
+            a2[j] += f2[j]
+        i += nb * WD
+    for j in range(L - i):
+        d = np.float64(dz[dzo + i + j])
+        a1[j] += d
+        a2[j] += d * np.float64((x[xo + i + j] - hi) - lo)
+    return _fold(a1), _fold(a2)
+
+
+@njit(**OPTS)
+def _finish_group(n, g, Cg, mean64, var, eps, gamma, beta, mean, rstd, coef):
+    """Store mean and rstd (x's dtype) and coef[n, :4, c] of the group's channels, built from the
+    *stored* (rounded) mean and rstd so that the backward rebuilds the same z."""
+    mean[n, g] = mean64
+    rstd[n, g] = 1.0 / math.sqrt(max(var, 0.0) + eps)
+    hi = np.float64(mean[n, g])
+    rs = np.float64(rstd[n, g])
+    lo = mean64 - hi if abs(hi) * rs > LO_THRESHOLD else 0.0
+    for c in range(g * Cg, (g + 1) * Cg):
+        coef[n, 0, c] = hi
+        coef[n, 1, c] = lo
+        coef[n, 2, c] = gamma[c] * rs
+        coef[n, 3, c] = beta[c]
+
+
+@njit(**OPTS)
+def _dx_coefs(n, g, Cg, D, rs, gamma, ab, coef):
+    """dx coefficients of group (n, g) from its per-channel sums ab[n] (see module docstring)."""
+    s1 = 0.0
+    s2 = 0.0
+    for c in range(g * Cg, (g + 1) * Cg):
+        s1 += gamma[c] * ab[n, 0, c]
+        s2 += gamma[c] * ab[n, 1, c]
+    m1 = s1 / D              # mean over the group of gamma * dz
+    m2 = rs * s2 / D         # mean over the group of gamma * dz * x_hat
+    for c in range(g * Cg, (g + 1) * Cg):
+        coef[n, 4, c] = rs * gamma[c]
+        coef[n, 5, c] = -rs * rs * m2
+        coef[n, 6, c] = -rs * m1
+
+
+@njit(**OPTS)
+def setup_backward(mean, rstd, gamma, beta, coef):
+    """coef[:, :4] as the forward built it, with lo = 0; returns whether some group needs lo (then
+    ``cf_set_lo``/``cl_set_lo`` fill it in from a fresh sum over x)."""
+    N, G = mean.shape
+    C = gamma.shape[0]
+    Cg = C // G
+    any_lo = False
+    for n in range(N):
+        for g in range(G):
+            hi = np.float64(mean[n, g])
+            rs = np.float64(rstd[n, g])
+            any_lo = any_lo or abs(hi) * rs > LO_THRESHOLD
+            for c in range(g * Cg, (g + 1) * Cg):
+                coef[n, 0, c] = hi
+                coef[n, 1, c] = 0.0
+                coef[n, 2, c] = gamma[c] * rs
+                coef[n, 3, c] = beta[c]
+    return any_lo
+
+
+@njit(**OPTS)
+def param_grads(ab, rstd, dgamma, dbeta):
+    """dgamma_c = sum_n rstd[n, g] * ab[n, 1, c], dbeta_c = sum_n ab[n, 0, c] (fixed order)."""
+    N, G = rstd.shape
+    C = dgamma.shape[0]
+    Cg = C // G
+    for c in range(C):
+        dgamma[c] = 0.0
+        dbeta[c] = 0.0
+    for n in range(N):
+        for c in range(C):
+            dgamma[c] += np.float64(rstd[n, c // Cg]) * ab[n, 1, c]
+            dbeta[c] += ab[n, 0, c]
+
+
+@njit(**OPTS)
+def all_dx_coefs(ab, gamma, rstd, D, coef):
+    """coef[:, 4:7] of every group from ab (D elements per group)."""
+    N, G = rstd.shape
+    Cg = gamma.shape[0] // G
+    for n in range(N):
+        for g in range(G):
+            _dx_coefs(n, g, Cg, D, np.float64(rstd[n, g]), gamma, ab, coef)
+
+
+# -------------------------------------------------------------------------------------------------
+# "cf": (N, C*S); a group is the contiguous run [g*D, (g+1)*D), D = C/G * S; task t = (n, g, q)
+# -------------------------------------------------------------------------------------------------
+
+@njit(**OPTS)
+def _cf_range(t, G, Q, D):
+    """(n, g, i0, i1): sample, group and element range of task t (chunk q of Q of the group)."""
+    n = t // (G * Q)
+    k = t - n * G * Q
+    g = k // Q
+    q = k - g * Q
+    L = (D + Q - 1) // Q
+    return n, g, g * D + min(D, q * L), g * D + min(D, q * L + L)
+
+
+@njit(**OPTS)
+def _cf_normalize(y, x, r, rc, act, cn, n, S, i0, i1):
+    """y = act(((x - hi) - lo) * a + b + rc * r) over the elements [i0, i1) of sample n, channel by
+    channel. One loop per activation (each vectorizes); y is never x: an in-place select would
+    become a masked store."""
+    yn = y[n]
+    xn = x[n]
+    rn = r[n]
+    for c in range(i0 // S, (i1 - 1) // S + 1):
+        pos = max(i0, c * S)
+        end = min(i1, (c + 1) * S)
+        hi, lo, a, b = cn[0, c], cn[1, c], cn[2, c], cn[3, c]
+        ys = yn[pos:end]
+        xs = xn[pos:end]
+        rs = rn[pos:end]
+        if act == 0:
+            for i in range(end - pos):
+                ys[i] = ((xs[i] - hi) - lo) * a + b + rc * rs[i]
+        elif act == 1:
+            for i in range(end - pos):
+                ys[i] = relu(((xs[i] - hi) - lo) * a + b + rc * rs[i])
+        elif act == 2:
+            for i in range(end - pos):
+                ys[i] = silu(((xs[i] - hi) - lo) * a + b + rc * rs[i])
+        else:
+            for i in range(end - pos):
+                ys[i] = gelu(((xs[i] - hi) - lo) * a + b + rc * rs[i])
+
+
+@njit(**OPTS)
+def cf_forward_tasks(t0, t1, mode, x, r, rc, gamma, beta, G, eps, act, Q, y, mean, rstd, part,
+                     coef):
+    """mode 0 (Q == 1): sum a group, finish it, normalize it while it is in cache.
+    mode 1: part[t] = shifted sums of chunk t.  mode 2: normalize chunk t (after cf_combine)."""
+    C = gamma.shape[0]
+    S = x.shape[1] // C
+    Cg = C // G
+    D = Cg * S
+    acc = np.empty((2, W))
+    accx = np.empty((2, W), x.dtype)
+    for t in range(t0, t1):
+        n, g, i0, i1 = _cf_range(t, G, Q, D)
+        if mode == 2:
+            _cf_normalize(y, x, r, rc, act, coef[n], n, S, i0, i1)
+            continue
+        K = x[n, g * D]
+        s1, s2 = _sums(x[n], i0, i1, K, acc, accx)
+        if mode == 1:
+            part[t, 0] = s1
+            part[t, 1] = s2
+            continue
+        m = s1 / D
+        _finish_group(n, g, Cg, np.float64(K) + m, s2 / D - m * m, eps, gamma, beta, mean, rstd, coef)
+        _cf_normalize(y, x, r, rc, act, coef[n], n, S, i0, i1)
+
+
+@njit(**OPTS)
+def cf_combine(x, part, G, eps, gamma, beta, mean, rstd, coef):
+    """Merge the Q chunk sums of every group (fixed order) and finish the groups."""
+    N = x.shape[0]
+    C = gamma.shape[0]
+    Cg = C // G
+    D = x.shape[1] // G
+    Q = part.shape[0] // (N * G)
+    for n in range(N):
+        for g in range(G):
+            s1 = 0.0
+            s2 = 0.0
+            for q in range(Q):
+                t = (n * G + g) * Q + q
+                s1 += part[t, 0]
+                s2 += part[t, 1]
+            m = s1 / D
+            _finish_group(n, g, Cg, np.float64(x[n, g * D]) + m, s2 / D - m * m, eps, gamma, beta,
+                          mean, rstd, coef)
+
+
+@njit(**OPTS)
+def cf_set_lo(x, part, G, coef):
+    """lo = mean - hi of every group, from mode-1 sums (shift K = the group's first element)."""
+    N = x.shape[0]
+    C = coef.shape[2]
+    Cg = C // G
+    D = x.shape[1] // G
+    Q = part.shape[0] // (N * G)
+    for n in range(N):
+        for g in range(G):
+            s1 = 0.0
+            for q in range(Q):
+                s1 += part[(n * G + g) * Q + q, 0]
+            lo = (s1 / D + np.float64(x[n, g * D])) - np.float64(coef[n, 0, g * Cg])
+            for c in range(g * Cg, (g + 1) * Cg):
+                coef[n, 1, c] = lo
+
+
+@njit(**OPTS)
+def _cf_bwd_sums(t, n, g, i0, i1, S, dy, x, r, rc, act, cn, dr, store_dr, keep, zb, part, acc,
+                 accx):
+    """part[t, k, c - g*Cg] for k = 0, 1: sum(dz), sum(dz * (x - mean)) over [i0, i1), per channel.
+    With an activation dz = dy * act'(z) is written to dr (an output), or to zb (whole range when
+    keep, for _cf_bwd_dx; else one run of <= BLK elements at a time)."""
+    Cg = part.shape[2]
+    for k in range(Cg):
+        part[t, 0, k] = 0.0
+        part[t, 1, k] = 0.0
+    dyn = dy[n]
+    xn = x[n]
+    rn = r[n]
+    src = dyn if act == 0 else (dr[n] if store_dr else zb)
+    run = BLK if act != 0 and not store_dr and not keep else S
+    for c in range(i0 // S, (i1 - 1) // S + 1):
+        hi, lo, a, b = cn[0, c], cn[1, c], cn[2, c], cn[3, c]
+        pos = max(i0, c * S)
+        cend = min(i1, (c + 1) * S)
+        while pos < cend:
+            end = min(cend, pos + run)
+            L = end - pos
+            if act == 0 or store_dr:
+                so = pos
+            else:
+                so = pos - i0 if keep else 0
+            if act != 0:
+                zs = src[so:so + L]
+                dys = dyn[pos:end]
+                xs = xn[pos:end]
+                rs = rn[pos:end]
+                if act == 1:
+                    for i in range(L):
+                        zs[i] = dys[i] * drelu(((xs[i] - hi) - lo) * a + b + rc * rs[i])
+                elif act == 2:
+                    for i in range(L):
+                        zs[i] = dys[i] * dsilu(((xs[i] - hi) - lo) * a + b + rc * rs[i])
+                else:
+                    for i in range(L):
+                        zs[i] = dys[i] * dgelu(((xs[i] - hi) - lo) * a + b + rc * rs[i])
+            if L < SHORT:
+                sa, sb = _dots_short(src, so, xn, pos, L, hi, lo)
+            else:
+                sa, sb = _dots(src, so, xn, pos, L, hi, lo, acc, accx)
+            part[t, 0, c - g * Cg] += sa
+            part[t, 1, c - g * Cg] += sb
+            pos = end
+
+
+@njit(**OPTS)
+def _cf_bwd_dx(n, i0, i1, S, dy, x, r, rc, act, cn, dr, store_dr, keep, zb, dx):
+    """dx = p * dz + q * ((x - hi) - lo) + k0 over [i0, i1) of sample n; dz from dy (no activation),
+    dr, zb (kept), or rebuilt in the loop."""
+    dyn = dy[n]
+    xn = x[n]
+    rn = r[n]
+    dxn = dx[n]
+    known = act == 0 or store_dr or keep
+    src = dyn if act == 0 else (dr[n] if store_dr else zb)
+    shift = i0 if (act != 0 and keep and not store_dr) else 0
+    for c in range(i0 // S, (i1 - 1) // S + 1):
+        pos = max(i0, c * S)
+        end = min(i1, (c + 1) * S)
+        L = end - pos
+        hi, lo, a, b = cn[0, c], cn[1, c], cn[2, c], cn[3, c]
+        p, q, k0 = cn[4, c], cn[5, c], cn[6, c]
+        xs = xn[pos:end]
+        dxs = dxn[pos:end]
+        if known:
+            ds = src[pos - shift:end - shift]
+            for i in range(L):
+                dxs[i] = p * ds[i] + q * ((xs[i] - hi) - lo) + k0
+        else:
+            dys = dyn[pos:end]
+            rs = rn[pos:end]
+            if act == 1:
+                for i in range(L):
+                    xc = (xs[i] - hi) - lo
+                    dxs[i] = p * (dys[i] * drelu(xc * a + b + rc * rs[i])) + q * xc + k0
+            elif act == 2:
+                for i in range(L):
+                    xc = (xs[i] - hi) - lo
+                    dxs[i] = p * (dys[i] * dsilu(xc * a + b + rc * rs[i])) + q * xc + k0
+            else:
+                for i in range(L):
+                    xc = (xs[i] - hi) - lo
+                    dxs[i] = p * (dys[i] * dgelu(xc * a + b + rc * rs[i])) + q * xc + k0
+
+
+@njit(**OPTS)
+def cf_backward_tasks(t0, t1, mode, dy, x, r, rc, gamma, rstd, G, act, Q, dx, need_dx, dr,
+                      store_dr, part, ab, coef):
+    """mode 0 (Q == 1): per-channel sums of a group, its dx coefficients, then its dx, all while the
+    group is in cache (dz kept in scratch between the two passes when the group is <= 256 KiB).
+    mode 1: per-channel partial sums of chunk t.  mode 2: dx of chunk t (after the combine)."""
+    C = gamma.shape[0]
+    S = x.shape[1] // C
+    Cg = C // G
+    D = Cg * S
+    keep = mode == 0 and need_dx and act != 0 and not store_dr and D * x.itemsize <= 262144
+    acc = np.empty((2, WD))
+    accx = np.empty((2, WD), x.dtype)
+    zb = np.empty(D if keep else (min(BLK, D) if act != 0 and not store_dr else 0), x.dtype)
+    for t in range(t0, t1):
+        n, g, i0, i1 = _cf_range(t, G, Q, D)
+        cn = coef[n]
+        if mode != 2:
+            _cf_bwd_sums(t, n, g, i0, i1, S, dy, x, r, rc, act, cn, dr, store_dr, keep, zb, part,
+                         acc, accx)
+            if mode == 1:
+                continue
+            for k in range(Cg):
+                ab[n, 0, g * Cg + k] = part[t, 0, k]
+                ab[n, 1, g * Cg + k] = part[t, 1, k]
+            _dx_coefs(n, g, Cg, D, np.float64(rstd[n, g]), gamma, ab, coef)
+        if need_dx:
+            _cf_bwd_dx(n, i0, i1, S, dy, x, r, rc, act, cn, dr, store_dr, keep, zb, dx)
+
+
+@njit(**OPTS)
+def cf_backward_combine(part, ab):
+    """ab[n, k, c] from the chunk sums part[(n, g, q), k, c - g*Cg], q in order."""
+    N = ab.shape[0]
+    C = ab.shape[2]
+    Cg = part.shape[2]
+    G = C // Cg
+    Q = part.shape[0] // (N * G)
+    for n in range(N):
+        for g in range(G):
+            for k in range(Cg):
+                s1 = 0.0
+                s2 = 0.0
+                for q in range(Q):
+                    t = (n * G + g) * Q + q
+                    s1 += part[t, 0, k]
+                    s2 += part[t, 1, k]
+                ab[n, 0, g * Cg + k] = s1
+                ab[n, 1, g * Cg + k] = s2
+
+
+# -------------------------------------------------------------------------------------------------
+# "cl": (N, S, C); a group is C/G adjacent channels of every row; task t = (n, p), rows chunk p of P.
+# Per-channel sums run along the contiguous C axis, R rows in x's dtype, then flushed to float64.
+# -------------------------------------------------------------------------------------------------
+
+@njit(**OPTS)
+def _cl_rows(t, P, S):
+    n = t // P
+    p = t - n * P
+    L = (S + P - 1) // P
+    return n, p, min(S, p * L), min(S, p * L + L)
+
+
+@njit(**OPTS)
+def cl_forward_tasks(t0, t1, phase, x, r, rc, act, P, y, part, coef):
+    """phase 0: part[n, p] = per-channel sums of x - x[n, 0, c] (and squares) over rows chunk p.
+    phase 1: normalize rows chunk p (after cl_combine)."""
+    S = x.shape[1]
+    C = x.shape[2]
+    f1 = np.empty(C, x.dtype)
+    f2 = np.empty(C, x.dtype)
+    for t in range(t0, t1):
+        n, p, s0, s1 = _cl_rows(t, P, S)
+        if phase == 0:
+            k = x[n, 0]
+            a1 = part[n, p, 0]
+            a2 = part[n, p, 1]
+            for c in range(C):
+                a1[c] = 0.0
+                a2[c] = 0.0
+            s = s0
+            while s < s1:
+                e = min(s1, s + R)
+                for c in range(C):
+                    f1[c] = 0.0
+                    f2[c] = 0.0
+                for ss in range(s, e):
+                    row = x[n, ss]
+                    for c in range(C):
+                        d = row[c] - k[c]
+                        f1[c] += d
+                        f2[c] += d * d
+                for c in range(C):
+                    a1[c] += f1[c]
+                    a2[c] += f2[c]
+                s = e
+            continue
+        cn = coef[n]
+        hi, lo, a, b = cn[0], cn[1], cn[2], cn[3]
+        for s in range(s0, s1):
+            ys = y[n, s]
+            xs = x[n, s]
+            rs = r[n, s]
+            if act == 0:
+                for c in range(C):
+                    ys[c] = ((xs[c] - hi[c]) - lo[c]) * a[c] + b[c] + rc * rs[c]
+            elif act == 1:
+                for c in range(C):
+                    ys[c] = relu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c] + rc * rs[c])
+            elif act == 2:
+                for c in range(C):
+                    ys[c] = silu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c] + rc * rs[c])
+            else:
+                for c in range(C):
+                    ys[c] = gelu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c] + rc * rs[c])
+
+
+@njit(**OPTS)
+def _cl_channel_stats(x, part, n, chan):
+    """chan[0, c] = channel mean, chan[1, c] = its sum of squared deviations (chunks in order)."""
+    S = x.shape[1]
+    C = x.shape[2]
+    P = part.shape[1]
+    for c in range(C):
+        t1 = 0.0
+        t2 = 0.0
+        for p in range(P):
+            t1 += part[n, p, 0, c]
+            t2 += part[n, p, 1, c]
+        m = t1 / S
+        chan[0, c] = np.float64(x[n, 0, c]) + m
+        chan[1, c] = max(t2 - t1 * m, 0.0)
+
+
+@njit(**OPTS)
+def cl_combine(x, part, chan, G, eps, gamma, beta, mean, rstd, coef):
+    """Chunks -> channels -> groups with the exact parallel-variance merge, fixed order."""
+    N, S, C = x.shape
+    Cg = C // G
+    for n in range(N):
+        _cl_channel_stats(x, part, n, chan)
+        for g in range(G):
+            mg = 0.0
+            for c in range(g * Cg, (g + 1) * Cg):
+                mg += chan[0, c]
+            mg /= Cg
+            m2 = 0.0
+            for c in range(g * Cg, (g + 1) * Cg):
+                d = chan[0, c] - mg
+                m2 += chan[1, c] + S * d * d
+            _finish_group(n, g, Cg, mg, m2 / (S * Cg), eps, gamma, beta, mean, rstd, coef)
+
+
+@njit(**OPTS)
+def cl_set_lo(x, part, chan, G, coef):
+    """lo = mean - hi of every group, from phase-0 sums."""
+    N, S, C = x.shape
+    Cg = C // G
+    for n in range(N):
+        _cl_channel_stats(x, part, n, chan)
+        for g in range(G):
+            mg = 0.0
+            for c in range(g * Cg, (g + 1) * Cg):
+                mg += chan[0, c]
+            lo = mg / Cg - np.float64(coef[n, 0, g * Cg])
+            for c in range(g * Cg, (g + 1) * Cg):
+                coef[n, 1, c] = lo
+
+
+@njit(**OPTS)
+def cl_backward_tasks(t0, t1, phase, dy, x, r, rc, act, P, dx, dr, store_dr, part, coef):
+    """phase 0: part[n, p, k, c] = sum(dz), sum(dz * (x - mean)) over rows chunk p (dz into dr when
+    it is an output).  phase 1: dx of rows chunk p (after cl_backward_combine)."""
+    S = x.shape[1]
+    C = x.shape[2]
+    buf = np.empty(C, x.dtype)
+    f1 = np.empty(C, x.dtype)
+    f2 = np.empty(C, x.dtype)
+    for t in range(t0, t1):
+        n, p, s0, s1 = _cl_rows(t, P, S)
+        cn = coef[n]
+        hi, lo, a, b = cn[0], cn[1], cn[2], cn[3]
+        pp, qq, kk = cn[4], cn[5], cn[6]
+        if phase == 0:
+            a1 = part[n, p, 0]
+            a2 = part[n, p, 1]
+            for c in range(C):
+                a1[c] = 0.0
+                a2[c] = 0.0
+            s = s0
+            while s < s1:
+                e = min(s1, s + R)
+                for c in range(C):
+                    f1[c] = 0.0
+                    f2[c] = 0.0
+                for ss in range(s, e):
+                    xs = x[n, ss]
+                    dys = dy[n, ss]
+                    rs = r[n, ss]
+                    ds = dys if act == 0 else (dr[n, ss] if store_dr else buf)
+                    if act == 1:
+                        for c in range(C):
+                            ds[c] = dys[c] * drelu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c]
+                                                   + rc * rs[c])
+                    elif act == 2:
+                        for c in range(C):
+                            ds[c] = dys[c] * dsilu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c]
+                                                   + rc * rs[c])
+                    elif act == 3:
+                        for c in range(C):
+                            ds[c] = dys[c] * dgelu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c]
+                                                   + rc * rs[c])
+                    for c in range(C):
+                        d = ds[c]
+                        f1[c] += d
+                        f2[c] += d * ((xs[c] - hi[c]) - lo[c])
+                for c in range(C):
+                    a1[c] += f1[c]
+                    a2[c] += f2[c]
+                s = e
+            continue
+        for s in range(s0, s1):
+            xs = x[n, s]
+            dxs = dx[n, s]
+            if act == 0 or store_dr:
+                ds = dy[n, s] if act == 0 else dr[n, s]
+                for c in range(C):
+                    dxs[c] = pp[c] * ds[c] + qq[c] * ((xs[c] - hi[c]) - lo[c]) + kk[c]
+                continue
+            dys = dy[n, s]
+            rs = r[n, s]
+            if act == 1:
+                for c in range(C):
+                    xc = (xs[c] - hi[c]) - lo[c]
+                    dxs[c] = pp[c] * (dys[c] * drelu(xc * a[c] + b[c] + rc * rs[c])) + qq[c] * xc + kk[c]
+            elif act == 2:
+                for c in range(C):
+                    xc = (xs[c] - hi[c]) - lo[c]
+                    dxs[c] = pp[c] * (dys[c] * dsilu(xc * a[c] + b[c] + rc * rs[c])) + qq[c] * xc + kk[c]
+            else:
+                for c in range(C):
+                    xc = (xs[c] - hi[c]) - lo[c]
+                    dxs[c] = pp[c] * (dys[c] * dgelu(xc * a[c] + b[c] + rc * rs[c])) + qq[c] * xc + kk[c]
+
+
+@njit(**OPTS)
+def cl_backward_combine(part, ab):
+    N, P, _, C = part.shape
+    for n in range(N):
+        for c in range(C):
+            s1 = 0.0
+            s2 = 0.0
+            for p in range(P):
+                s1 += part[n, p, 0, c]
+                s2 += part[n, p, 1, c]
+            ab[n, 0, c] = s1
+            ab[n, 1, c] = s2
