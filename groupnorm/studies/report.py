@@ -1,0 +1,169 @@
+"""`groupnorm report DIR`: DIR/REPORT.md and PNG figures from a study directory.
+
+Tables give this directory's validation error (mean ± seed spread, %) beside the paper's ImageNet
+numbers (groupnorm/data/paper_results.json); figures follow the paper's Figures 1, 4, 5 and 6; the
+findings section checks each of the paper's claims with the explicit criteria of ``findings``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import figures
+from .findings import all_findings
+from .results import Point, StudyData, paper_results
+
+NORM_NAMES = {"bn": "BN", "gn": "GN", "brn": "BR", "ln": "LN", "in": "IN", "gn+ws": "GN+WS", "none": "no norm"}
+
+
+def _cell(p: Point | None) -> str:
+    return "—" if p is None else p.fmt()
+
+
+def _num(x) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _setup(data: StudyData, study: str) -> str:
+    p = data.preset(study)
+    if not p:
+        return ""
+    subset = "all" if p.get("train_subset") is None else str(p["train_subset"])
+    val = "all" if p.get("val_subset") is None else str(p["val_subset"])
+    extra = "".join(f", {k}={v}" for k, v in (p.get("config") or {}).items())
+    return (f"Preset `{p.get('name')}`: {p.get('dataset')}, {subset} training / {val} validation images, "
+            f"{p.get('epochs')} epochs, {p.get('workers')} workers, {p.get('seeds')} seed(s), "
+            f"lr 0.1 × N / 32, lr steps at {p.get('lr_steps')} of the epochs, augment={p.get('augment')}{extra}.")
+
+
+def batch_section(data: StudyData, paper: dict, out: Path) -> list[str]:
+    lines = ["## Batch size (Table 2, Figures 1 and 5)", "", _setup(data, "batch"), ""]
+    sizes = sorted(data.values("batch", "images_per_worker", norm="gn") + data.values("batch", "images_per_worker", norm="bn"),
+                   reverse=True)
+    sizes = sorted(set(sizes), reverse=True)
+    t2 = paper["table2_batch_sensitivity"]
+    rows = []
+    for n in sizes:
+        bn, gn = data.point("batch", norm="bn", images_per_worker=n), data.point("batch", norm="gn", images_per_worker=n)
+        diff = f"{gn.mean - bn.mean:+.2f}" if bn and gn else "—"
+        i = t2["images_per_worker"].index(n) if n in t2["images_per_worker"] else None
+        pb, pg = (t2["BN"][i], t2["GN"][i]) if i is not None else (None, None)
+        pdiff = f"{pg - pb:+.1f}" if i is not None else "—"
+        rows.append([str(n), _cell(bn), _cell(gn), diff, _num(pb), _num(pg), pdiff])
+    model = ", ".join(sorted({r["model"] for r in data.select("batch")}))
+    lines += [f"Validation error (%), {model}, mean ± seed spread; the paper: ImageNet, ResNet-50.", ""]
+    lines += _table(["images / worker", "BN", "GN", "GN − BN", "paper BN", "paper GN", "paper GN − BN"], rows)
+    br = data.point("batch", norm="brn", images_per_worker=4)
+    if br is not None:
+        pbr = paper["batch_renorm_batch4"]
+        lines += ["", "Batch Renorm at 4 images per worker (r_max = 1.5, d_max = 0.5):", ""]
+        lines += _table(["norm", "this run", "paper"],
+                        [["BN", _cell(data.point("batch", norm="bn", images_per_worker=4)), _num(pbr["BN"])],
+                         ["BR", _cell(br), _num(pbr["BR"])],
+                         ["GN", _cell(data.point("batch", norm="gn", images_per_worker=4)), _num(pbr["GN"])]])
+    for fn, name, caption in ((figures.batch_error, "fig1_batch_error.png",
+                               "Figure 1: error vs images per worker (error bars: seed spread)"),
+                              (figures.batch_curves, "fig5_batch_curves.png",
+                               "Figure 5: validation error curves per batch size")):
+        if fn(data, out / name):
+            lines += ["", f"![{caption}]({name})", "", f"*{caption}.*"]
+    return lines + [""]
+
+
+def norms_section(data: StudyData, paper: dict, out: Path) -> list[str]:
+    lines = ["## Normalization methods at 32 images per worker (Table 1, Figure 4)", "", _setup(data, "norms"), ""]
+    t1 = paper["table1_norms_batch32"]
+    rows = []
+    for norm in ("bn", "ln", "in", "gn", "gn+ws"):
+        p = data.point("norms", norm=norm)
+        if p is None:
+            continue
+        rows.append([NORM_NAMES[norm], _cell(p), f"{p.train_mean:.2f}",
+                     _num(t1.get(NORM_NAMES[norm]))])
+    lines += _table(["norm", "val error", "train error (last epoch)", "paper val error"], rows)
+    lines += ["", "The paper has no GN+WS entry in Table 1 (weight standardization is a later addition here)."]
+    if figures.norm_curves(data, out / "fig4_norm_curves.png"):
+        lines += ["", "![Figure 4: training and validation error per norm](fig4_norm_curves.png)", "",
+                  "*Figure 4: training (left) and validation (right) error per norm.*"]
+    return lines + [""]
+
+
+def groups_section(data: StudyData, paper: dict, out: Path) -> list[str]:
+    lines = ["## Group division (Table 3)", "", _setup(data, "groups"), ""]
+    t3 = paper["table3_group_division"]
+    for key, other, head, ref in (("groups", "group_size", "G", t3["groups"]["G"]),
+                                  ("group_size", "groups", "channels per group", t3["channels_per_group"]["C_per_G"])):
+        perr = t3["groups"]["error"] if key == "groups" else t3["channels_per_group"]["error"]
+        values = sorted(data.values("groups", key, **{other: None}), reverse=True)
+        if not values:
+            continue
+        points = {v: data.point("groups", **{key: v, other: None}) for v in values}
+        best = min(p.mean for p in points.values())
+        pbest = min(perr)
+        rows = []
+        for v in ref:
+            i = ref.index(v)
+            p = points.get(v)
+            rows.append([str(v), _cell(p), "—" if p is None else f"{p.mean - best:+.2f}", _num(perr[i]),
+                         f"{perr[i] - pbest:+.1f}"])
+        lines += [f"By {head} (— : not run, see the note below):", ""]
+        lines += _table([head, "val error", "Δ vs best", "paper", "paper Δ"], rows) + [""]
+    lines += [f"Note: {n}" for n in data.notes("groups")]
+    return lines + [""]
+
+
+def features_section(data: StudyData, paper: dict, out: Path) -> list[str]:
+    lines = ["## Feature distributions (Figure 6)", "", _setup(data, "features"), ""]
+    f6 = paper["figure6_vgg16_batch32"]
+    rows = []
+    for norm, key in (("none", "none"), ("bn", "BN"), ("gn", "GN")):
+        rows.append([NORM_NAMES[norm], _cell(data.point("features", norm=norm)), _num(f6.get(key))])
+    lines += _table(["VGG-16", "val error", "paper"], rows)
+    if figures.percentiles(data, out / "fig6_percentiles.png"):
+        lines += ["", "![Figure 6: percentiles of conv5_3's output](fig6_percentiles.png)", "",
+                  "*Figure 6: {1, 20, 80, 99} percentiles of conv5_3's output (before norm and ReLU) over training.*"]
+    return lines + [""]
+
+
+def depth_section(data: StudyData, paper: dict, out: Path) -> list[str]:
+    lines = ["## A deeper ResNet (the paper's ResNet-101)", "", _setup(data, "depth"), ""]
+    r101 = paper["resnet101"]
+    rows = []
+    for n in sorted(data.values("depth", "images_per_worker"), reverse=True):
+        ref = r101.get(f"batch{n}", {})
+        rows.append([str(n), _cell(data.point("depth", norm="bn", images_per_worker=n)),
+                     _cell(data.point("depth", norm="gn", images_per_worker=n)), _num(ref.get("BN")), _num(ref.get("GN"))])
+    model = ", ".join(sorted({r["model"] for r in data.select("depth")}))
+    lines += [f"Validation error (%), {model}; the paper: ResNet-101 on ImageNet.", ""]
+    lines += _table(["images / worker", "BN", "GN", "paper BN", "paper GN"], rows)
+    return lines + [""]
+
+
+SECTIONS = {"batch": batch_section, "norms": norms_section, "groups": groups_section,
+            "features": features_section, "depth": depth_section}
+
+
+def make_report(out: str | Path) -> Path:
+    """Write DIR/REPORT.md (and its PNG figures beside it); return its path."""
+    data = StudyData(out)
+    out = data.out
+    paper = paper_results()
+    seconds = sum(r["seconds"] or 0 for r in {r["run"]: r for r in data.rows}.values())
+    runs = len({r["run"] for r in data.rows})
+    lines = ["# Group Normalization: study report", "",
+             f"Directory `{out}`: {runs} finished runs ({seconds / 60:.1f} training minutes), "
+             f"studies: {', '.join(data.studies())}. Errors are top-1 validation errors (%), the median of "
+             f"each run's last 5 epochs (the paper's metric), as mean ± seed spread (sample standard "
+             f"deviation over seeds). Paper numbers: {paper['source']}", "",
+             "## Findings", ""]
+    lines += [f.markdown() for f in all_findings(data)] + [""]
+    for study in ("batch", "norms", "groups", "features", "depth"):
+        if study in data.studies():
+            lines += SECTIONS[study](data, paper, out)
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
