@@ -83,14 +83,14 @@ if "GROUPNORM_BACKEND" in os.environ:
 def _choose_auto(x, weight=None, bias=None, residual=None, activation=None) -> str:
     """The backend "auto" picks for this call: where our kernels are correct and faster, else "native".
 
-    "cpu" for float32/float64 CPU tensors that are channels_last-like (our kernel won at every size
-    measured) or have >= 2^20 elements (below that, in NCHW, fixed per-call costs make forward +
-    backward slower than torch's); see docs/PERFORMANCE.md and benchmarks/bench_kernels.py. Only if
-    the Numba kernels import. "native" elsewhere (CUDA: no GPU measurement yet).
+    "cpu" for float32/float64 CPU tensors of at least ~1.5 M elements, in any layout: there the Numba
+    kernel beat the accurate native path (``native_group_norm``, which pays an extra pass for the
+    group-mean shift) by 1.0-2.3x and the fused native composite by 1.1-2.8x (2 threads, quiet
+    machine; docs/PERFORMANCE.md). Below that our kernel's fixed cost (~0.4 ms a call) loses, so small
+    tensors stay on torch's op. CUDA stays "native" until the Triton kernels have been timed on a GPU.
     """
     if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and ((x.dim() > 2 and not x.is_contiguous()) or x.numel() >= 1 << 20)
-            and _cpu_kernels_available()):
+            and x.numel() >= 3 << 19 and _cpu_kernels_available()):
         return "cpu"
     return "native"
 

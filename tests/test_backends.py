@@ -76,6 +76,18 @@ def test_auto_resolves_to_a_concrete_backend():
         assert backends.resolve_backend(x) == "native"
 
 
+def test_auto_rule_follows_the_benchmark():
+    """auto: our CPU kernel for large float CPU tensors (where it measured faster), torch's op elsewhere."""
+    big = torch.empty(2, 256, 56, 56)            # 1.6 M elements: ResNet-50 stage 1 at batch 2
+    small = torch.empty(2, 2048, 7, 7)
+    with groupnorm.use_backend("auto"):
+        assert backends.resolve_backend(big, activation="silu") == "cpu"
+        assert backends.resolve_backend(big, residual=big) == "cpu"
+        assert backends.resolve_backend(big.to(memory_format=torch.channels_last)) == "cpu"
+        assert backends.resolve_backend(small, activation="silu") == "native"
+        assert backends.resolve_backend(big.bfloat16(), activation="silu") == "native"
+
+
 def test_native_supports_activation_and_residual():
     x, res = torch.randn(2, 4, 5, dtype=torch.float64) + 3, torch.randn(2, 4, 5, dtype=torch.float64)
     w, b = torch.rand(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
