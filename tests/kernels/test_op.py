@@ -211,12 +211,3 @@ def test_bad_arguments():
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             op.group_norm(x, 4, impl="triton")
-
-
-def test_auto_backend_picks_our_cpu_kernels_where_measured_faster():
-    from groupnorm import backends
-    cl = make((2, 8, 4, 4), cl=True)
-    assert backends._choose_auto(cl) == "cpu"                          # channels_last: any size
-    assert backends._choose_auto(make((2, 8, 4, 4))) == "native"       # small NCHW
-    assert backends._choose_auto(torch.empty(1, 16, 256, 256)) == "cpu"  # >= 2^20 elements
-    assert backends._choose_auto(cl.bfloat16()) == "native"
