@@ -95,9 +95,10 @@ def norms_section(data: StudyData, paper: dict, out: Path) -> list[str]:
 def groups_section(data: StudyData, paper: dict, out: Path) -> list[str]:
     lines = ["## Group division (Table 3)", "", _setup(data, "groups"), ""]
     t3 = paper["table3_group_division"]
-    for key, other, head, ref in (("groups", "group_size", "G", t3["groups"]["G"]),
-                                  ("group_size", "groups", "channels per group", t3["channels_per_group"]["C_per_G"])):
-        perr = t3["groups"]["error"] if key == "groups" else t3["channels_per_group"]["error"]
+    for key, other, head, paper_row, ref_key in (("groups", "group_size", "G", t3["groups"], "G"),
+                                                 ("group_size", "groups", "channels per group",
+                                                  t3["channels_per_group"], "C_per_G")):
+        ref, perr = paper_row[ref_key], paper_row["error"]
         values = sorted(data.values("groups", key, **{other: None}), reverse=True)
         if not values:
             continue
@@ -105,8 +106,7 @@ def groups_section(data: StudyData, paper: dict, out: Path) -> list[str]:
         best = min(p.mean for p in points.values())
         pbest = min(perr)
         rows = []
-        for v in ref:
-            i = ref.index(v)
+        for i, v in enumerate(ref):
             p = points.get(v)
             rows.append([str(v), _cell(p), "—" if p is None else f"{p.mean - best:+.2f}", _num(perr[i]),
                          f"{perr[i] - pbest:+.1f}"])
