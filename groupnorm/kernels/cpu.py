@@ -64,7 +64,8 @@ _scratch = np.empty
 
 _pool = None
 _pool_lock = threading.Lock()
-_MIN_WORK_PER_THREAD = 1 << 15   # elements; below this a thread costs more than it saves
+_MIN_WORK_PER_THREAD = 1 << 18   # elements; below this waking a thread costs more than it saves
+_MIN_WORK_PER_PIECE = 1 << 20    # elements; each piece is a Numba call (~20-40 us of dispatch)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -83,15 +84,16 @@ def _run(work: int, fn, ntasks: int, *args) -> None:
     """fn(t0, t1, *args) over [0, ntasks) in up to torch.get_num_threads() threads, fewer when the
     work (elements) is too small to pay for waking a thread.
 
-    The range is cut into ~4 pieces per thread that threads take in turn, and the caller waits for
-    the pieces, not for the helper threads: a helper that another process keeps off its core for a
-    while simply takes no piece. Which thread runs a task never changes its result.
+    The range is cut into 1-4 pieces per thread (4 when the work is large enough to pay for the
+    extra calls) that threads take in turn, and the caller waits for the pieces, not for the helper
+    threads: a helper that another process keeps off its core for a while simply takes no piece.
+    Which thread runs a task never changes its result.
     """
     threads = min(torch.get_num_threads(), ntasks, 1 + work // _MIN_WORK_PER_THREAD)
     if threads <= 1:
         fn(0, ntasks, *args)
         return
-    pieces = min(ntasks, 4 * threads)
+    pieces = min(ntasks, threads * max(1, min(4, work // (threads * _MIN_WORK_PER_PIECE))))
     counter = itertools.count()
     lock = threading.Lock()
     finished = threading.Event()

@@ -70,5 +70,10 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def vgg16(**kwargs) -> VGG:
-    return VGG(VGG16_STAGES, **kwargs)
+def vgg16(width: int = 64, **kwargs) -> VGG:
+    """VGG-16. ``width``: channels of stage 1 (the published 64); every stage scales with it, e.g.
+    width=16 gives 16, 32, 64, 128, 128 channels (1/16 of the compute, for CPU studies)."""
+    if width < 1:
+        raise ValueError(f"width must be positive, got width={width}")
+    stages = tuple(tuple(c * width // 64 or 1 for c in stage) for stage in VGG16_STAGES)
+    return VGG(stages, **kwargs)

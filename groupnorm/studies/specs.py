@@ -31,7 +31,8 @@ FEATURES_PROBE = "features.conv5_3"              # VGG-16's conv5_3: output befo
 @dataclass(frozen=True)
 class Preset:
     """Everything a study's runs share. ``gn_groups`` is the G of "GN" in every study but ``groups``
-    (the paper's 32 where the model's narrowest layer allows it). ``per_study`` overrides fields for
+    (the paper's 32 where the model's narrowest layer allows it); ``gn_group_size``, when set, makes
+    "GN" a fixed number of channels per group instead (the paper's other form, Table 3). ``per_study`` overrides fields for
     one study, e.g. ``{"features": {"epochs": 5}}``."""
 
     name: str
@@ -44,6 +45,7 @@ class Preset:
     model: str = "resnet20"
     model_args: dict = field(default_factory=dict)
     gn_groups: int = 32
+    gn_group_size: int | None = None   # when set, "GN" is this many channels per group instead of G
     batch_sizes: tuple = PAPER_BATCHES
     batch_renorm: bool = True
     norms: tuple = ("bn", "ln", "in", "gn", "gn+ws")
@@ -92,53 +94,52 @@ class RunSpec:
 
 
 # ---- presets --------------------------------------------------------------------------------------
-# Both presets start every residual block's last gamma at 1 (zero_init_residual=False) instead of the
-# paper's 0: with so few iterations at 8 x 32 images, the zero start left the narrow nets far from
-# converged (docs/STUDIES.md, tuning record). Everything else is the paper's recipe.
+# The models are the CIFAR-style ResNets with the ImageNet ResNets' 4x stem (stem_stride=4: 28x28 ->
+# 7, 4, 2), so that the last stages are as small as ResNet-50's 7x7 stage 4 at 224 px: there per-worker
+# BN statistics of 2 images are as noisy as in the paper, and at full resolution they were not (BN at
+# 2 images per worker then matched GN; docs/STUDIES.md, tuning record). GN divides channels in groups
+# of 4 (gn_group_size), which every width allows. Both presets start every residual block's last
+# gamma at 1 (zero_init_residual=False) instead of the paper's 0: with so few iterations at 8 x 32
+# images the zero start left these narrow nets far from converged. Everything else is the paper's
+# recipe (lr 0.1 x N / 32, same epochs for every N, BN statistics per worker).
+_RESNET = {"depth": 8, "width": 8, "stem_stride": 4}
 
 # quick: the README's first command, `study batch --preset quick`, within 15 minutes on 2 cores.
 QUICK = Preset(
     name="quick",
-    train_subset=10000,
-    val_subset=3000,
-    epochs=20,
+    train_subset=20000,
+    val_subset=None,
+    epochs=15,
     seeds=2,
     model="small_resnet",
-    model_args={"depth": 8, "width": 8},
-    gn_groups=2,
+    model_args=_RESNET,
+    gn_group_size=4,
     batch_sizes=(32, 2),
     batch_renorm=False,
     deep_model="small_resnet",
-    deep_model_args={"depth": 20, "width": 8},
-    vgg_args={"small_input": True},
+    deep_model_args={**_RESNET, "depth": 20},
+    vgg_args={"small_input": True, "width": 16},
     lr_steps=(0.7, 0.9),
     augment=False,
     jobs=2,
     config={"zero_init_residual": False},
-    per_study={"features": {"seeds": 1, "epochs": 2, "train_subset": 4000, "val_subset": 1000}},
+    per_study={"groups": {"model_args": {**_RESNET, "width": 32}, "epochs": 4},
+               "features": {"seeds": 1, "epochs": 2, "train_subset": 4000, "val_subset": 1000}},
 )
 
-# full: all five studies, about ten hours on 2 cores (docs/STUDIES.md). The groups study uses a
-# model of width 32 so that the paper's G = 32 and 16 channels per group exist in every layer.
-FULL = Preset(
+# full: all five studies, about 70 minutes on 2 cores (docs/STUDIES.md). Its batch study contains the
+# quick preset's runs. The groups study uses width 32 so that the paper's G = 32 and 16 channels per
+# group exist in every layer; groups, features and depth run 2 seeds to fit the budget.
+FULL = dataclasses.replace(
+    QUICK,
     name="full",
-    train_subset=20000,
-    val_subset=10000,
-    epochs=12,
     seeds=3,
-    model="small_resnet",
-    model_args={"depth": 8, "width": 16},
-    gn_groups=8,
-    deep_model="small_resnet",
-    deep_model_args={"depth": 20, "width": 16},
-    vgg_args={"small_input": True},
-    lr_steps=(0.7, 0.9),
-    augment=False,
-    jobs=2,
-    config={"zero_init_residual": False},
-    per_study={"groups": {"model_args": {"depth": 8, "width": 32}, "gn_groups": 32, "epochs": 10},
-               "features": {"seeds": 2, "epochs": 6, "train_subset": 10000, "gn_groups": 32,
-                            "probe_every": 20}},
+    batch_sizes=PAPER_BATCHES,
+    batch_renorm=True,
+    per_study={"groups": {"model_args": {**_RESNET, "width": 32}, "train_subset": 10000, "epochs": 10,
+                          "seeds": 2},
+               "features": {"seeds": 2, "epochs": 6, "train_subset": 10000, "probe_every": 20},
+               "depth": {"seeds": 2, "epochs": 12}},
 )
 
 PRESETS = {"quick": QUICK, "full": FULL}
@@ -191,6 +192,13 @@ def _spec(study: str, p: Preset, seed: int, *, norm: str, images_per_worker: int
 
 
 # ---- the studies ----------------------------------------------------------------------------------
+def _gn_division(p: Preset, norm: str) -> dict:
+    """How "GN" (and "GN+WS") divides channels under ``p``: {groups: G} or {group_size: K}."""
+    if not norm.startswith("gn"):
+        return {}
+    return {"group_size": p.gn_group_size} if p.gn_group_size else {"groups": p.gn_groups}
+
+
 def batch_study(p: Preset) -> list[RunSpec]:
     """BN and GN at each of ``p.batch_sizes`` images per worker, plus BR at 4 (Table 2, BR)."""
     runs = []
@@ -198,8 +206,7 @@ def batch_study(p: Preset) -> list[RunSpec]:
         for n in p.batch_sizes:
             for norm in ("bn", "gn"):
                 runs.append(_spec("batch", p, seed, norm=norm, images_per_worker=n, model=p.model,
-                                  model_args=p.model_args,
-                                  groups=p.gn_groups if norm == "gn" else None))
+                                  model_args=p.model_args, **_gn_division(p, norm)))
         if p.batch_renorm:
             runs.append(_spec("batch", p, seed, norm="brn", images_per_worker=BR_IMAGES_PER_WORKER,
                               model=p.model, model_args=p.model_args))
@@ -207,14 +214,14 @@ def batch_study(p: Preset) -> list[RunSpec]:
                 for norm in ("bn", "gn"):
                     runs.append(_spec("batch", p, seed, norm=norm, images_per_worker=BR_IMAGES_PER_WORKER,
                                       model=p.model, model_args=p.model_args,
-                                      groups=p.gn_groups if norm == "gn" else None))
+                                      **_gn_division(p, norm)))
     return runs
 
 
 def norms_study(p: Preset) -> list[RunSpec]:
     """Each of ``p.norms`` at 32 images per worker (Table 1, Figure 4)."""
     return [_spec("norms", p, seed, norm=norm, images_per_worker=32, model=p.model,
-                  model_args=p.model_args, groups=p.gn_groups if norm.startswith("gn") else None)
+                  model_args=p.model_args, **_gn_division(p, norm))
             for seed in range(p.seeds) for norm in p.norms]
 
 
@@ -233,16 +240,18 @@ def groups_study(p: Preset) -> list[RunSpec]:
 def features_study(p: Preset) -> list[RunSpec]:
     """The VGG-16-style net without norm, with BN and with GN at 32 images per worker, probing
     conv5_3's output (Figure 6)."""
-    groups = min(p.gn_groups, min(model_channels(p.vgg_model, p.vgg_args)))
+    division = _gn_division(p, "gn")
+    if "groups" in division:   # the paper's G where the narrowest layer allows it
+        division["groups"] = min(division["groups"], min(model_channels(p.vgg_model, p.vgg_args)))
     return [_spec("features", p, seed, norm=norm, images_per_worker=32, model=p.vgg_model,
-                  model_args=p.vgg_args, groups=groups if norm == "gn" else None, probe=p.probe)
+                  model_args=p.vgg_args, probe=p.probe, **(division if norm == "gn" else {}))
             for seed in range(p.seeds) for norm in p.feature_norms]
 
 
 def depth_study(p: Preset) -> list[RunSpec]:
     """The deeper ResNet, BN and GN at each of ``p.deep_batches`` images per worker."""
     return [_spec("depth", p, seed, norm=norm, images_per_worker=n, model=p.deep_model,
-                  model_args=p.deep_model_args, groups=p.gn_groups if norm == "gn" else None)
+                  model_args=p.deep_model_args, **_gn_division(p, norm))
             for seed in range(p.seeds) for n in p.deep_batches for norm in ("bn", "gn")]
 
 

@@ -178,10 +178,14 @@ def test_needs_input_grad_and_mixed_layouts():
         None, None, None, None)
 
 
-def test_deterministic_across_runs_and_threads():
-    x = make((2, 64, 20, 20), torch.float32, "cl")
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_deterministic_across_runs_and_threads(layout, monkeypatch):
+    # Small thresholds, so that this small input is split over both threads in several pieces.
+    monkeypatch.setattr(cpu, "_MIN_WORK_PER_THREAD", 1 << 10)
+    monkeypatch.setattr(cpu, "_MIN_WORK_PER_PIECE", 1 << 10)
+    x = make((2, 64, 20, 20), torch.float32, layout)
     w, b = params(64, torch.float32)
-    dy = make((2, 64, 20, 20), torch.float32, "cl", seed=3)
+    dy = make((2, 64, 20, 20), torch.float32, layout, seed=3)
     n = torch.get_num_threads()
     outs = []
     try:

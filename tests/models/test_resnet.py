@@ -177,3 +177,15 @@ def test_registry():
         assert name in names
     with pytest.raises(ValueError, match="unknown model 'resnet19'.*resnet18"):
         build_model("resnet19")
+
+
+def test_small_resnet_stem_stride_halves_every_stage():
+    model = build_model("small_resnet", depth=8, width=8, stem_stride=2, in_channels=1, num_classes=10)
+    seen = {}
+    for name in ("layer1", "layer2", "layer3"):
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, tuple(o.shape[2:])))
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert seen == {"layer1": (14, 14), "layer2": (7, 7), "layer3": (4, 4)}
+    with pytest.raises(ValueError, match="stem_stride"):
+        build_model("small_resnet", depth=8, stem_stride=3)

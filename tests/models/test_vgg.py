@@ -89,3 +89,13 @@ def test_same_function_as_torchvision_vgg16():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_width_scales_every_stage_and_keeps_the_probe():
+    model = build_model("vgg16", width=16, norm="gn:8", small_input=True, num_classes=10, in_channels=1)
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 16, 32, 32, 64, 64, 64, 128, 128, 128, 128, 128, 128]
+    assert model.get_submodule(CONV5_3).out_channels == 128
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="width"):
+        build_model("vgg16", width=0)

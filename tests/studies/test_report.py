@@ -19,7 +19,7 @@ from groupnorm.studies.specs import QUICK, STUDIES, expand
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PRESET = dataclasses.replace(QUICK, name="fixture", seeds=3, batch_sizes=(32, 16, 8, 4, 2), batch_renorm=True,
                              model="small_resnet", model_args={"depth": 8, "width": 32}, gn_groups=32,
-                             per_study={})
+                             gn_group_size=None, per_study={})
 
 
 def paper_like(spec) -> float:

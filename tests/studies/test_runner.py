@@ -11,7 +11,7 @@ from groupnorm.studies.specs import QUICK, expand
 
 # A tiny model on a tiny subset: 2 workers x (4 | 2) images, one epoch of 32 images.
 TINY = dataclasses.replace(QUICK, name="tiny", train_subset=32, val_subset=20, epochs=1, seeds=1, workers=2,
-                           model="small_resnet", model_args={"depth": 8, "width": 4}, gn_groups=2,
+                           model="small_resnet", model_args={"depth": 8, "width": 4}, gn_groups=2, gn_group_size=None,
                            batch_sizes=(4, 2), batch_renorm=False, per_study={})
 
 

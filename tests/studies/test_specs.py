@@ -44,12 +44,13 @@ def test_norms_study_norm_specs():
     runs = {r.norm: r for r in expand("norms", "full", seeds=1)}
     assert set(runs) == {"bn", "ln", "in", "gn", "gn+ws"}
     assert runs["gn+ws"].config["ws"] is True and runs["gn"].config["ws"] is False
-    assert runs["gn"].config["norm"] == f"gn:{FULL.gn_groups}" and runs["ln"].config["norm"] == "ln"
+    assert runs["gn"].config["norm"] == f"gn/{FULL.gn_group_size}" and runs["ln"].config["norm"] == "ln"
+    assert runs["gn+ws"].config["norm"] == runs["gn"].config["norm"]
     assert all(r.images_per_worker == 32 for r in runs.values())
 
 
 def test_groups_are_clipped_to_what_the_widths_allow():
-    p = dataclasses.replace(QUICK, model="small_resnet", model_args={"depth": 8, "width": 8})
+    p = dataclasses.replace(QUICK, model="small_resnet", model_args={"depth": 8, "width": 8}, per_study={})
     assert model_channels(p.model, p.model_args) == (8, 16, 32)
     valid_g, valid_s, notes = group_choices(p)
     assert valid_g == [8, 4, 2, 1] and valid_s == [8, 4, 2, 1]
@@ -87,8 +88,19 @@ def test_studies_share_runs_by_name():
     unique = unique_runs(runs)
     assert len(unique) < len(runs)  # GN and BN at 32 are in batch and norms
     base = specs.model_label(FULL.model, FULL.model_args)
-    gn32 = [r for r in runs if r.name == run_name(base, "gn", FULL.gn_groups, None, 8, 32, 0)]
+    gn32 = [r for r in runs if r.name == run_name(base, "gn", None, FULL.gn_group_size, 8, 32, 0)]
     assert {r.study for r in gn32} == {"batch", "norms"}
+
+
+def test_gn_is_g_groups_or_a_fixed_group_size():
+    by_size = {r.norm: r for r in expand("batch", "quick", seeds=1)}
+    assert by_size["gn"].config["norm"] == "gn/4" and by_size["gn"].group_size == 4
+    assert by_size["gn"].groups is None and by_size["bn"].config["norm"] == "bn"
+    p = dataclasses.replace(QUICK, gn_group_size=None, gn_groups=2)
+    by_g = {r.norm: r for r in expand("batch", p, seeds=1)}
+    assert by_g["gn"].config["norm"] == "gn:2" and by_g["gn"].groups == 2
+    features = [r for r in expand("features", p, seeds=1) if r.norm == "gn"]
+    assert features[0].config["norm"] == "gn:2"
 
 
 def test_overrides_and_errors():
