@@ -34,10 +34,12 @@ def _setup(data: StudyData, study: str) -> str:
         return ""
     subset = "all" if p.get("train_subset") is None else str(p["train_subset"])
     val = "all" if p.get("val_subset") is None else str(p["val_subset"])
-    extra = "".join(f", {k}={v}" for k, v in (p.get("config") or {}).items())
+    config = dict(p.get("config") or {})
+    base_lr = config.pop("base_lr", 0.1)
+    extra = "".join(f", {k}={v}" for k, v in config.items())
     return (f"Preset `{p.get('name')}`: {p.get('dataset')}, {subset} training / {val} validation images, "
             f"{p.get('epochs')} epochs, {p.get('workers')} workers, {p.get('seeds')} seed(s), "
-            f"lr 0.1 × N / 32, lr steps at {p.get('lr_steps')} of the epochs, augment={p.get('augment')}{extra}.")
+            f"lr {base_lr:g} × N / 32, lr steps at {p.get('lr_steps')} of the epochs, augment={p.get('augment')}{extra}.")
 
 
 def batch_section(data: StudyData, paper: dict, out: Path) -> list[str]:

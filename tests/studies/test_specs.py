@@ -37,7 +37,7 @@ def test_every_run_is_a_valid_config(tmp_path):
     for run in expand("all", "full") + expand("all", "quick"):
         cfg = Config(**run.config, out=str(tmp_path / run.name))
         assert cfg.images_per_worker == run.images_per_worker
-        assert cfg.lr == pytest.approx(0.1 * run.images_per_worker / 32)
+        assert cfg.lr == pytest.approx(run.config.get("base_lr", 0.1) * run.images_per_worker / 32)
 
 
 def test_norms_study_norm_specs():
