@@ -22,7 +22,8 @@ def register(subparsers) -> None:
                     "(VGG-16 percentiles), depth (a deeper ResNet), all (the five).")
     p.add_argument("name", choices=STUDIES + ("all",), help="which study")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="quick: ~8 minutes (the README's first command); full: all five studies, ~80 minutes on 2 cores")
+                   help="quick: ~8 minutes (the README's first command); "
+                        "full: all five studies, ~80 minutes on 2 cores")
     p.add_argument("--out", default=None, help="study directory (default results/NAME-PRESET)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained in parallel processes, the cores shared among them (default: the preset's)")

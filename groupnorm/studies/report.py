@@ -42,6 +42,11 @@ def _setup(data: StudyData, study: str) -> str:
             f"lr {base_lr:g} × N / 32, lr steps at {p.get('lr_steps')} of the epochs, augment={p.get('augment')}{extra}.")
 
 
+def _figure(made: bool, name: str, alt: str, caption: str | None = None) -> list[str]:
+    """Markdown lines that show the figure file ``name`` when it was made (caption: alt + ".")."""
+    return ["", f"![{alt}]({name})", "", f"*{caption or alt + '.'}*"] if made else []
+
+
 def batch_section(data: StudyData, paper: dict, out: Path) -> list[str]:
     lines = ["## Batch size (Table 2, Figures 1 and 5)", "", _setup(data, "batch"), ""]
     sizes = sorted(data.values("batch", "images_per_worker", norm="gn") + data.values("batch", "images_per_worker", norm="bn"),
@@ -71,8 +76,7 @@ def batch_section(data: StudyData, paper: dict, out: Path) -> list[str]:
                                "Figure 1: error vs images per worker (error bars: seed spread)"),
                               (figures.batch_curves, "fig5_batch_curves.png",
                                "Figure 5: validation error curves per batch size")):
-        if fn(data, out / name):
-            lines += ["", f"![{caption}]({name})", "", f"*{caption}.*"]
+        lines += _figure(fn(data, out / name), name, caption)
     return lines + [""]
 
 
@@ -88,9 +92,9 @@ def norms_section(data: StudyData, paper: dict, out: Path) -> list[str]:
                      _num(t1.get(NORM_NAMES[norm]))])
     lines += _table(["norm", "val error", "train error (last epoch)", "paper val error"], rows)
     lines += ["", "The paper has no GN+WS entry in Table 1 (weight standardization is a later addition here)."]
-    if figures.norm_curves(data, out / "fig4_norm_curves.png"):
-        lines += ["", "![Figure 4: training and validation error per norm](fig4_norm_curves.png)", "",
-                  "*Figure 4: training (left) and validation (right) error per norm.*"]
+    lines += _figure(figures.norm_curves(data, out / "fig4_norm_curves.png"), "fig4_norm_curves.png",
+                     "Figure 4: training and validation error per norm",
+                     "Figure 4: training (left) and validation (right) error per norm.")
     return lines + [""]
 
 
@@ -125,9 +129,10 @@ def features_section(data: StudyData, paper: dict, out: Path) -> list[str]:
     for norm, key in (("none", "none"), ("bn", "BN"), ("gn", "GN")):
         rows.append([NORM_NAMES[norm], _cell(data.point("features", norm=norm)), _num(f6.get(key))])
     lines += _table(["VGG-16", "val error", "paper"], rows)
-    if figures.percentiles(data, out / "fig6_percentiles.png"):
-        lines += ["", "![Figure 6: percentiles of conv5_3's output](fig6_percentiles.png)", "",
-                  "*Figure 6: {1, 20, 80, 99} percentiles of conv5_3's output (before norm and ReLU) over training.*"]
+    lines += _figure(figures.percentiles(data, out / "fig6_percentiles.png"), "fig6_percentiles.png",
+                     "Figure 6: percentiles of conv5_3's output",
+                     "Figure 6: {1, 20, 80, 99} percentiles of conv5_3's output (before norm and ReLU) "
+                     "over training.")
     return lines + [""]
 
 

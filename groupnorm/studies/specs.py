@@ -32,8 +32,8 @@ FEATURES_PROBE = "features.conv5_3"              # VGG-16's conv5_3: output befo
 class Preset:
     """Everything a study's runs share. ``gn_groups`` is the G of "GN" in every study but ``groups``
     (the paper's 32 where the model's narrowest layer allows it); ``gn_group_size``, when set, makes
-    "GN" a fixed number of channels per group instead (the paper's other form, Table 3). ``per_study`` overrides fields for
-    one study, e.g. ``{"features": {"epochs": 5}}``."""
+    "GN" a fixed number of channels per group instead (the paper's other form, Table 3).
+    ``per_study`` overrides fields for one study, e.g. ``{"features": {"epochs": 5}}``."""
 
     name: str
     dataset: str = "fashion-mnist"
@@ -106,7 +106,8 @@ _RESNET = {"depth": 8, "width": 8, "stem_stride": 4}
 # VGG-16 has no residual path: at the ResNets' lr 0.1 (for 256 images) its GN version diverged and
 # the one without normalization stayed at chance; VGG's own recipe is lr 0.01 for 256 images, and at
 # 0.02 both train (docs/STUDIES.md).
-_VGG_CONFIG = {"zero_init_residual": False, "base_lr": 0.02}
+_CONFIG = {"zero_init_residual": False}
+_VGG_CONFIG = {**_CONFIG, "base_lr": 0.02}
 
 # quick: the README's first command, `study batch --preset quick`, within 15 minutes on 2 cores.
 QUICK = Preset(
@@ -126,7 +127,7 @@ QUICK = Preset(
     lr_steps=(0.7, 0.9),
     augment=False,
     jobs=2,
-    config={"zero_init_residual": False},
+    config=_CONFIG,
     per_study={"groups": {"model_args": {**_RESNET, "width": 32}, "epochs": 4},
                "features": {"seeds": 1, "epochs": 2, "train_subset": 4000, "val_subset": 1000,
                             "config": _VGG_CONFIG}},
