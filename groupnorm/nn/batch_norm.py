@@ -16,16 +16,35 @@ def _channel_view(v, x):
     return v.view((1, -1) + (1,) * (x.dim() - 2))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``group``, differentiable: the gradient of a sum is the sum of the
+    gradients, so the backward all-reduces too. Synchronous (no work left pending in the backend's
+    threads), unlike the deprecated ``torch.distributed.nn.functional.all_reduce``."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def all_reduce(t, group=None):
+    return _AllReduceSum.apply(t, group)
+
+
 def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, group):
     """BN whose statistics are over the union of the batches of all processes in ``group``.
 
     Differentiable: the two all-reduces (sums, then squared deviations: two-pass, no cancellation)
-    go through ``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces the
-    gradients, so each process gets the gradient of the sum of all processes' losses, exactly as for
-    BN over the whole batch. Ranks may hold different batch sizes (even 0).
+    go through ``all_reduce``, whose backward all-reduces the gradients, so each process gets the
+    gradient of the sum of all processes' losses, exactly as for BN over the whole batch. Ranks may
+    hold different batch sizes (even 0).
     """
-    from torch.distributed.nn.functional import all_reduce
-
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     xa = x.to(acc)
     channels = x.shape[1]

@@ -79,6 +79,7 @@ def setup(cfg) -> Context:
 
 def teardown(ctx: Context) -> None:
     if ctx.owns_group and dist.is_initialized():
+        dist.barrier()   # no rank tears its connections down while another still talks to it
         dist.destroy_process_group()
 
 

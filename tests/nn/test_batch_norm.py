@@ -1,7 +1,6 @@
 """groupnorm.nn.BatchNorm (any rank, per worker, synchronized) and BatchRenorm."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -107,17 +106,14 @@ def test_sync_without_process_group_is_ordinary_bn():
     torch.testing.assert_close(synced.running_var, plain.running_var)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sync_worker(rank, world, port, out_dir):
-    """One process of the SyncBN test: its slice of the batch through BatchNorm(sync=True)."""
+def _sync_worker(rank, world, out_dir):
+    """One process of the SyncBN test: its slice of the batch through BatchNorm(sync=True).
+    The rendezvous is a file, so no rank hosts a TCP store server that another rank still reads
+    while the first one exits."""
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    store = os.path.join(out_dir, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         m = randomize(gnn.BatchNorm(3, momentum=0.5, sync=True), 30).double()
         results = {}
@@ -134,6 +130,7 @@ def _sync_worker(rank, world, port, out_dir):
                                  db=m.bias.grad.clone(), rm=m.running_mean.clone(),
                                  rv=m.running_var.clone())
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()   # both ranks done before either tears its connections down
     finally:
         dist.destroy_process_group()
 
@@ -141,7 +138,7 @@ def _sync_worker(rank, world, port, out_dir):
 @pytest.mark.dist
 def test_sync_batch_norm_two_processes_equals_whole_batch(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_sync_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     whole = randomize(torch.nn.BatchNorm2d(3, momentum=0.5), 30).double()
     for name in ("even", "uneven"):
