@@ -44,11 +44,14 @@ dtypes, on 2 cores), later processes load it in well under a second.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import torch
 
@@ -64,8 +67,10 @@ _scratch = np.empty
 
 _pool = None
 _pool_lock = threading.Lock()
-_MIN_WORK_PER_THREAD = 1 << 18   # elements; below this waking a thread costs more than it saves
-_MIN_WORK_PER_PIECE = 1 << 20    # elements; each piece is a Numba call (~20-40 us of dispatch)
+# Elements below which waking a thread costs more than it saves, and the least work worth a piece of
+# its own, for torch's OpenMP team (~3 us a launch); 4x / 8x that for Python threads (~30-100 us).
+_MIN_WORK_PER_THREAD = 1 << 15
+_MIN_WORK_PER_PIECE = 1 << 18
 
 
 # -------------------------------------------------------------------------------------------------
@@ -80,20 +85,67 @@ def _get_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def _openmp_parallel() -> int | None:
+    """Address of GOMP_parallel in the OpenMP runtime torch's ops run on (the library torch loaded,
+    found in this process's memory map), or None: not Linux, or torch not built with OpenMP."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        if name.startswith(("libgomp", "libiomp5")):
+            try:
+                return ctypes.cast(ctypes.CDLL(path).GOMP_parallel, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+_GOMP_PARALLEL = _openmp_parallel()
+_entries = {}   # (kernel, argument key) -> (C entry point, argument key)
+
+
+def _arg_key(a):
+    """What fixes the Numba type of a kernel argument, cheaply (numba.typeof costs ~300 us)."""
+    if isinstance(a, np.ndarray):
+        f = a.flags
+        return a.dtype.char, a.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned
+    return type(a)
+
+
 def _run(work: int, fn, ntasks: int, *args) -> None:
     """fn(t0, t1, *args) over [0, ntasks) in up to torch.get_num_threads() threads, fewer when the
     work (elements) is too small to pay for waking a thread.
 
     The range is cut into 1-4 pieces per thread (4 when the work is large enough to pay for the
-    extra calls) that threads take in turn, and the caller waits for the pieces, not for the helper
-    threads: a helper that another process keeps off its core for a while simply takes no piece.
-    Which thread runs a task never changes its result.
+    extra calls) that threads take in turn, so a thread that another process keeps off its core
+    simply takes fewer pieces. Which thread runs a task never changes its result.
+    Threads: torch's OpenMP team (``_cpu_kernels.launch``) where torch runs on OpenMP, else a pool
+    of Python threads.
     """
-    threads = min(torch.get_num_threads(), ntasks, 1 + work // _MIN_WORK_PER_THREAD)
+    scale = 1 if _GOMP_PARALLEL is not None else 8
+    threads = min(torch.get_num_threads(), ntasks, 1 + work // (scale * _MIN_WORK_PER_THREAD))
     if threads <= 1:
         fn(0, ntasks, *args)
         return
-    pieces = min(ntasks, threads * max(1, min(4, work // (threads * _MIN_WORK_PER_PIECE))))
+    pieces = min(ntasks, threads * max(1, min(4, work // (threads * scale * _MIN_WORK_PER_PIECE))))
+    if _GOMP_PARALLEL is None:
+        _run_python_threads(threads, pieces, fn, ntasks, args)
+        return
+    key = (fn, *map(_arg_key, args))
+    entry = _entries.get(key)
+    packed = (ntasks, pieces, np.zeros(1, np.int64), args)
+    if entry is None:
+        entry = _entries[key] = K.entry(fn, numba.typeof(packed))
+    K.launch(_GOMP_PARALLEL, entry.address, threads, packed)
+
+
+def _run_python_threads(threads, pieces, fn, ntasks, args) -> None:
+    """_run's pieces on a pool of Python threads (the caller runs pieces too)."""
     counter = itertools.count()
     lock = threading.Lock()
     finished = threading.Event()

@@ -6,6 +6,7 @@ per group and chunked groups, "cl" with several row chunks, the backward's kept 
 dz, and the float64 remainder of the mean (lo) used when |mean| >> std.
 """
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -29,6 +30,10 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(cpu, "_empty", nan_empty)
     monkeypatch.setattr(cpu, "_scratch", nan_scratch)
+    # Tiny thresholds: every kernel call of these small shapes is split over the threads (torch's
+    # OpenMP team), in several pieces, so each path and entry point runs threaded.
+    monkeypatch.setattr(cpu, "_MIN_WORK_PER_THREAD", 1 << 7)
+    monkeypatch.setattr(cpu, "_MIN_WORK_PER_PIECE", 1 << 7)
 
 
 def fmt(x, layout):
@@ -178,11 +183,11 @@ def test_needs_input_grad_and_mixed_layouts():
         None, None, None, None)
 
 
+@pytest.mark.parametrize("runner", ["openmp", "python"])
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_deterministic_across_runs_and_threads(layout, monkeypatch):
-    # Small thresholds, so that this small input is split over both threads in several pieces.
-    monkeypatch.setattr(cpu, "_MIN_WORK_PER_THREAD", 1 << 10)
-    monkeypatch.setattr(cpu, "_MIN_WORK_PER_PIECE", 1 << 10)
+def test_deterministic_across_runs_and_threads(layout, runner, monkeypatch):
+    if runner == "python":
+        monkeypatch.setattr(cpu, "_GOMP_PARALLEL", None)
     x = make((2, 64, 20, 20), torch.float32, layout)
     w, b = params(64, torch.float32)
     dy = make((2, 64, 20, 20), torch.float32, layout, seed=3)
@@ -198,6 +203,13 @@ def test_deterministic_across_runs_and_threads(layout, monkeypatch):
     for other in outs[1:]:
         for a, b_ in zip(outs[0], other):
             assert torch.equal(a, b_)
+
+
+def test_runs_on_torchs_openmp_team_where_torch_uses_openmp():
+    """On Linux with torch on OpenMP the kernels must not fall back to Python threads silently."""
+    if sys.platform != "linux" or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not run on OpenMP here")
+    assert cpu._GOMP_PARALLEL is not None
 
 
 def test_empty_batch():
