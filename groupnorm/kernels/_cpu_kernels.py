@@ -636,7 +636,12 @@ def _cl_rows(t, P, S):
 @njit(**OPTS)
 def cl_forward_tasks(t0, t1, phase, x, r, rc, act, P, y, part, coef):
     """phase 0: part[n, p] = per-channel sums of x - x[n, 0, c] (and squares) over rows chunk p.
-    phase 1: normalize rows chunk p (after cl_combine)."""
+    phase 1: normalize rows chunk p (after cl_combine).
+
+    The row loops index the 3-D arrays directly instead of taking a view per row: a view costs an
+    atomic reference-count update on its array, and with two threads updating the same count (x's,
+    also r's without a residual) that cache line bounced between the cores and the kernels ran
+    slower on two threads than on one."""
     S = x.shape[1]
     C = x.shape[2]
     f1 = np.empty(C, x.dtype)
@@ -644,12 +649,9 @@ def cl_forward_tasks(t0, t1, phase, x, r, rc, act, P, y, part, coef):
     for t in range(t0, t1):
         n, p, s0, s1 = _cl_rows(t, P, S)
         if phase == 0:
-            k = x[n, 0]
-            a1 = part[n, p, 0]
-            a2 = part[n, p, 1]
             for c in range(C):
-                a1[c] = 0.0
-                a2[c] = 0.0
+                part[n, p, 0, c] = 0.0
+                part[n, p, 1, c] = 0.0
             s = s0
             while s < s1:
                 e = min(s1, s + R)
@@ -657,34 +659,47 @@ def cl_forward_tasks(t0, t1, phase, x, r, rc, act, P, y, part, coef):
                     f1[c] = 0.0
                     f2[c] = 0.0
                 for ss in range(s, e):
-                    row = x[n, ss]
                     for c in range(C):
-                        d = row[c] - k[c]
+                        d = x[n, ss, c] - x[n, 0, c]
                         f1[c] += d
                         f2[c] += d * d
                 for c in range(C):
-                    a1[c] += f1[c]
-                    a2[c] += f2[c]
+                    part[n, p, 0, c] += f1[c]
+                    part[n, p, 1, c] += f2[c]
                 s = e
             continue
-        cn = coef[n]
-        hi, lo, a, b = cn[0], cn[1], cn[2], cn[3]
         for s in range(s0, s1):
-            ys = y[n, s]
-            xs = x[n, s]
-            rs = r[n, s]
             if act == 0:
                 for c in range(C):
-                    ys[c] = ((xs[c] - hi[c]) - lo[c]) * a[c] + b[c] + rc * rs[c]
+                    y[n, s, c] = (((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c]) * coef[n, 2, c]
+                                  + coef[n, 3, c] + rc * r[n, s, c])
             elif act == 1:
                 for c in range(C):
-                    ys[c] = relu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c] + rc * rs[c])
+                    y[n, s, c] = relu(((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c]) * coef[n, 2, c]
+                                      + coef[n, 3, c] + rc * r[n, s, c])
             elif act == 2:
                 for c in range(C):
-                    ys[c] = silu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c] + rc * rs[c])
+                    y[n, s, c] = silu(((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c]) * coef[n, 2, c]
+                                      + coef[n, 3, c] + rc * r[n, s, c])
             else:
                 for c in range(C):
-                    ys[c] = gelu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c] + rc * rs[c])
+                    y[n, s, c] = gelu(((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c]) * coef[n, 2, c]
+                                      + coef[n, 3, c] + rc * r[n, s, c])
+
+
+@njit(**OPTS)
+def _sum_chunks(part, n, out):
+    """out[k, c] = sum over chunks p (in order) of part[n, p, k, c]; chunk by chunk, so that the
+    reads are sequential (a channel's chunks lie 2 C values apart)."""
+    P = part.shape[1]
+    C = part.shape[3]
+    for c in range(C):
+        out[0, c] = 0.0
+        out[1, c] = 0.0
+    for p in range(P):
+        for c in range(C):
+            out[0, c] += part[n, p, 0, c]
+            out[1, c] += part[n, p, 1, c]
 
 
 @njit(**OPTS)
@@ -692,16 +707,12 @@ def _cl_channel_stats(x, part, n, chan):
     """chan[0, c] = channel mean, chan[1, c] = its sum of squared deviations (chunks in order)."""
     S = x.shape[1]
     C = x.shape[2]
-    P = part.shape[1]
+    _sum_chunks(part, n, chan)
     for c in range(C):
-        t1 = 0.0
-        t2 = 0.0
-        for p in range(P):
-            t1 += part[n, p, 0, c]
-            t2 += part[n, p, 1, c]
+        t1 = chan[0, c]
         m = t1 / S
         chan[0, c] = np.float64(x[n, 0, c]) + m
-        chan[1, c] = max(t2 - t1 * m, 0.0)
+        chan[1, c] = max(chan[1, c] - t1 * m, 0.0)
 
 
 @njit(**OPTS)
@@ -740,25 +751,32 @@ def cl_set_lo(x, part, chan, G, coef):
 
 
 @njit(**OPTS)
+def _cl_dz(dy, x, r, rc, act, coef, n, s, c):
+    """(dz, x - mean) at [n, s, c]: dz = dy * act'(z), z rebuilt bit for bit as in the forward."""
+    xc = (x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c]
+    z = xc * coef[n, 2, c] + coef[n, 3, c] + rc * r[n, s, c]
+    if act == 1:
+        return dy[n, s, c] * drelu(z), xc
+    if act == 2:
+        return dy[n, s, c] * dsilu(z), xc
+    return dy[n, s, c] * dgelu(z), xc
+
+
+@njit(**OPTS)
 def cl_backward_tasks(t0, t1, phase, dy, x, r, rc, act, P, dx, dr, store_dr, part, coef):
     """phase 0: part[n, p, k, c] = sum(dz), sum(dz * (x - mean)) over rows chunk p (dz into dr when
-    it is an output).  phase 1: dx of rows chunk p (after cl_backward_combine)."""
+    it is an output).  phase 1: dx of rows chunk p (after cl_backward_combine).
+    No views in the row loops (see cl_forward_tasks); one loop per activation, each vectorizes."""
     S = x.shape[1]
     C = x.shape[2]
-    buf = np.empty(C, x.dtype)
     f1 = np.empty(C, x.dtype)
     f2 = np.empty(C, x.dtype)
     for t in range(t0, t1):
         n, p, s0, s1 = _cl_rows(t, P, S)
-        cn = coef[n]
-        hi, lo, a, b = cn[0], cn[1], cn[2], cn[3]
-        pp, qq, kk = cn[4], cn[5], cn[6]
         if phase == 0:
-            a1 = part[n, p, 0]
-            a2 = part[n, p, 1]
             for c in range(C):
-                a1[c] = 0.0
-                a2[c] = 0.0
+                part[n, p, 0, c] = 0.0
+                part[n, p, 1, c] = 0.0
             s = s0
             while s < s1:
                 e = min(s1, s + R)
@@ -766,67 +784,48 @@ def cl_backward_tasks(t0, t1, phase, dy, x, r, rc, act, P, dx, dr, store_dr, par
                     f1[c] = 0.0
                     f2[c] = 0.0
                 for ss in range(s, e):
-                    xs = x[n, ss]
-                    dys = dy[n, ss]
-                    rs = r[n, ss]
-                    ds = dys if act == 0 else (dr[n, ss] if store_dr else buf)
-                    if act == 1:
+                    if act == 0:
                         for c in range(C):
-                            ds[c] = dys[c] * drelu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c]
-                                                   + rc * rs[c])
-                    elif act == 2:
+                            d = dy[n, ss, c]
+                            f1[c] += d
+                            f2[c] += d * ((x[n, ss, c] - coef[n, 0, c]) - coef[n, 1, c])
+                    elif store_dr:
                         for c in range(C):
-                            ds[c] = dys[c] * dsilu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c]
-                                                   + rc * rs[c])
-                    elif act == 3:
+                            d, xc = _cl_dz(dy, x, r, rc, act, coef, n, ss, c)
+                            dr[n, ss, c] = d
+                            f1[c] += d
+                            f2[c] += d * xc
+                    else:
                         for c in range(C):
-                            ds[c] = dys[c] * dgelu(((xs[c] - hi[c]) - lo[c]) * a[c] + b[c]
-                                                   + rc * rs[c])
-                    for c in range(C):
-                        d = ds[c]
-                        f1[c] += d
-                        f2[c] += d * ((xs[c] - hi[c]) - lo[c])
+                            d, xc = _cl_dz(dy, x, r, rc, act, coef, n, ss, c)
+                            f1[c] += d
+                            f2[c] += d * xc
                 for c in range(C):
-                    a1[c] += f1[c]
-                    a2[c] += f2[c]
+                    part[n, p, 0, c] += f1[c]
+                    part[n, p, 1, c] += f2[c]
                 s = e
             continue
         for s in range(s0, s1):
-            xs = x[n, s]
-            dxs = dx[n, s]
-            if act == 0 or store_dr:
-                ds = dy[n, s] if act == 0 else dr[n, s]
+            if act == 0:
                 for c in range(C):
-                    dxs[c] = pp[c] * ds[c] + qq[c] * ((xs[c] - hi[c]) - lo[c]) + kk[c]
-                continue
-            dys = dy[n, s]
-            rs = r[n, s]
-            if act == 1:
+                    dx[n, s, c] = (coef[n, 4, c] * dy[n, s, c]
+                                   + coef[n, 5, c] * ((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c])
+                                   + coef[n, 6, c])
+            elif store_dr:
                 for c in range(C):
-                    xc = (xs[c] - hi[c]) - lo[c]
-                    dxs[c] = pp[c] * (dys[c] * drelu(xc * a[c] + b[c] + rc * rs[c])) + qq[c] * xc + kk[c]
-            elif act == 2:
-                for c in range(C):
-                    xc = (xs[c] - hi[c]) - lo[c]
-                    dxs[c] = pp[c] * (dys[c] * dsilu(xc * a[c] + b[c] + rc * rs[c])) + qq[c] * xc + kk[c]
+                    dx[n, s, c] = (coef[n, 4, c] * dr[n, s, c]
+                                   + coef[n, 5, c] * ((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c])
+                                   + coef[n, 6, c])
             else:
                 for c in range(C):
-                    xc = (xs[c] - hi[c]) - lo[c]
-                    dxs[c] = pp[c] * (dys[c] * dgelu(xc * a[c] + b[c] + rc * rs[c])) + qq[c] * xc + kk[c]
+                    d, xc = _cl_dz(dy, x, r, rc, act, coef, n, s, c)
+                    dx[n, s, c] = coef[n, 4, c] * d + coef[n, 5, c] * xc + coef[n, 6, c]
 
 
 @njit(**OPTS)
 def cl_backward_combine(part, ab):
-    N, P, _, C = part.shape
-    for n in range(N):
-        for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            for p in range(P):
-                s1 += part[n, p, 0, c]
-                s2 += part[n, p, 1, c]
-            ab[n, 0, c] = s1
-            ab[n, 1, c] = s2
+    for n in range(part.shape[0]):
+        _sum_chunks(part, n, ab[n])
 
 
 # -------------------------------------------------------------------------------------------------
