@@ -751,24 +751,32 @@ def cl_set_lo(x, part, chan, G, coef):
 
 
 @njit(**OPTS)
-def _cl_dz(dy, x, r, rc, act, coef, n, s, c):
-    """(dz, x - mean) at [n, s, c]: dz = dy * act'(z), z rebuilt bit for bit as in the forward."""
-    xc = (x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c]
-    z = xc * coef[n, 2, c] + coef[n, 3, c] + rc * r[n, s, c]
+def _cl_row_dz(dy, x, r, rc, act, coef, n, s, buf):
+    """buf[c] = dz = dy * act'(z) along row s of sample n, z rebuilt bit for bit as in the forward;
+    one loop per activation (each vectorizes)."""
+    C = x.shape[2]
     if act == 1:
-        return dy[n, s, c] * drelu(z), xc
-    if act == 2:
-        return dy[n, s, c] * dsilu(z), xc
-    return dy[n, s, c] * dgelu(z), xc
+        for c in range(C):
+            buf[c] = dy[n, s, c] * drelu(((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c]) * coef[n, 2, c]
+                                         + coef[n, 3, c] + rc * r[n, s, c])
+    elif act == 2:
+        for c in range(C):
+            buf[c] = dy[n, s, c] * dsilu(((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c]) * coef[n, 2, c]
+                                         + coef[n, 3, c] + rc * r[n, s, c])
+    else:
+        for c in range(C):
+            buf[c] = dy[n, s, c] * dgelu(((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c]) * coef[n, 2, c]
+                                         + coef[n, 3, c] + rc * r[n, s, c])
 
 
 @njit(**OPTS)
 def cl_backward_tasks(t0, t1, phase, dy, x, r, rc, act, P, dx, dr, store_dr, part, coef):
     """phase 0: part[n, p, k, c] = sum(dz), sum(dz * (x - mean)) over rows chunk p (dz into dr when
     it is an output).  phase 1: dx of rows chunk p (after cl_backward_combine).
-    No views in the row loops (see cl_forward_tasks); one loop per activation, each vectorizes."""
+    No views in the row loops (see cl_forward_tasks)."""
     S = x.shape[1]
     C = x.shape[2]
+    buf = np.empty(C, x.dtype)
     f1 = np.empty(C, x.dtype)
     f2 = np.empty(C, x.dtype)
     for t in range(t0, t1):
@@ -789,17 +797,15 @@ def cl_backward_tasks(t0, t1, phase, dy, x, r, rc, act, P, dx, dr, store_dr, par
                             d = dy[n, ss, c]
                             f1[c] += d
                             f2[c] += d * ((x[n, ss, c] - coef[n, 0, c]) - coef[n, 1, c])
-                    elif store_dr:
+                        continue
+                    _cl_row_dz(dy, x, r, rc, act, coef, n, ss, buf)
+                    for c in range(C):
+                        d = buf[c]
+                        f1[c] += d
+                        f2[c] += d * ((x[n, ss, c] - coef[n, 0, c]) - coef[n, 1, c])
+                    if store_dr:
                         for c in range(C):
-                            d, xc = _cl_dz(dy, x, r, rc, act, coef, n, ss, c)
-                            dr[n, ss, c] = d
-                            f1[c] += d
-                            f2[c] += d * xc
-                    else:
-                        for c in range(C):
-                            d, xc = _cl_dz(dy, x, r, rc, act, coef, n, ss, c)
-                            f1[c] += d
-                            f2[c] += d * xc
+                            dr[n, ss, c] = buf[c]
                 for c in range(C):
                     part[n, p, 0, c] += f1[c]
                     part[n, p, 1, c] += f2[c]
@@ -811,15 +817,16 @@ def cl_backward_tasks(t0, t1, phase, dy, x, r, rc, act, P, dx, dr, store_dr, par
                     dx[n, s, c] = (coef[n, 4, c] * dy[n, s, c]
                                    + coef[n, 5, c] * ((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c])
                                    + coef[n, 6, c])
-            elif store_dr:
+                continue
+            if store_dr:
                 for c in range(C):
-                    dx[n, s, c] = (coef[n, 4, c] * dr[n, s, c]
-                                   + coef[n, 5, c] * ((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c])
-                                   + coef[n, 6, c])
+                    buf[c] = dr[n, s, c]
             else:
-                for c in range(C):
-                    d, xc = _cl_dz(dy, x, r, rc, act, coef, n, s, c)
-                    dx[n, s, c] = coef[n, 4, c] * d + coef[n, 5, c] * xc + coef[n, 6, c]
+                _cl_row_dz(dy, x, r, rc, act, coef, n, s, buf)
+            for c in range(C):
+                dx[n, s, c] = (coef[n, 4, c] * buf[c]
+                               + coef[n, 5, c] * ((x[n, s, c] - coef[n, 0, c]) - coef[n, 1, c])
+                               + coef[n, 6, c])
 
 
 @njit(**OPTS)
@@ -861,6 +868,30 @@ def _load(typingctx, ptr):
         context.nrt.incref(builder, ty, value)
         return value
     return ty(ptr), codegen
+
+
+@intrinsic
+def _borrowed(typingctx, tup):
+    """tup with every array's meminfo and parent set to NULL: views of such an array skip the
+    reference counting (NRT's incref/decref do nothing on NULL). Why: every view (a row, a channel's
+    run) otherwise adds and drops a reference on its array's meminfo with atomic instructions, and
+    with two threads doing that on the same arrays the cache line bounced between the cores: the
+    kernels ran slower on two threads than on one. Safe because the caller of ``launch`` holds the
+    arrays until every thread is done."""
+    if not isinstance(tup, types.BaseTuple):
+        return None
+
+    def codegen(context, builder, signature, args):
+        values = []
+        for ty, value in zip(tup.types, cgutils.unpack_tuple(builder, args[0])):
+            if isinstance(ty, types.Array):
+                ary = context.make_array(ty)(context, builder, value)
+                ary.meminfo = cgutils.get_null_value(ary.meminfo.type)
+                ary.parent = cgutils.get_null_value(ary.parent.type)
+                value = ary._getvalue()
+            values.append(value)
+        return context.make_tuple(builder, tup, values)
+    return tup(tup), codegen
 
 
 @intrinsic
@@ -907,7 +938,7 @@ def _cf_forward_entry(p):
     ntasks, pieces, counter, args = _load(p)
     i = _next_piece(counter)
     while i < pieces:
-        cf_forward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *args)
+        cf_forward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *_borrowed(args))
         i = _next_piece(counter)
 
 
@@ -915,7 +946,7 @@ def _cf_backward_entry(p):
     ntasks, pieces, counter, args = _load(p)
     i = _next_piece(counter)
     while i < pieces:
-        cf_backward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *args)
+        cf_backward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *_borrowed(args))
         i = _next_piece(counter)
 
 
@@ -923,7 +954,7 @@ def _cl_forward_entry(p):
     ntasks, pieces, counter, args = _load(p)
     i = _next_piece(counter)
     while i < pieces:
-        cl_forward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *args)
+        cl_forward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *_borrowed(args))
         i = _next_piece(counter)
 
 
@@ -931,7 +962,7 @@ def _cl_backward_entry(p):
     ntasks, pieces, counter, args = _load(p)
     i = _next_piece(counter)
     while i < pieces:
-        cl_backward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *args)
+        cl_backward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *_borrowed(args))
         i = _next_piece(counter)
 
 
