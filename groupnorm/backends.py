@@ -80,19 +80,38 @@ if "GROUPNORM_BACKEND" in os.environ:
     set_backend(os.environ["GROUPNORM_BACKEND"])
 
 
+# Smallest CPU tensor (elements) for which "auto" takes our kernels, by (memory format, fused,
+# training): the sizes from which they beat the accurate native path at every larger size of
+# benchmarks/bench_auto.py's ladder (2 threads; docs/PERFORMANCE.md, session 3). "fused" = with
+# an activation or a residual; "training" = autograd will need the backward.
+_CPU_FROM = {
+    ("nchw", False, False): 3 << 17,   # 0.39 M: plain forward
+    ("nchw", True, False): 1 << 17,    # 0.13 M: fused forward
+    ("nchw", False, True): 3 << 19,    # 1.6 M: plain forward + backward
+    ("nchw", True, True): 3 << 18,     # 0.79 M: fused forward + backward
+    ("cl", False, False): 1 << 13,     # channels_last forward: from the smallest size measured
+    ("cl", True, False): 1 << 13,
+    ("cl", False, True): 3 << 17,      # channels_last forward + backward
+    ("cl", True, True): 3 << 17,
+}
+
+
 def _choose_auto(x, weight=None, bias=None, residual=None, activation=None) -> str:
     """The backend "auto" picks for this call: where our kernels are correct and faster, else "native".
 
-    "cpu" for float32/float64 CPU tensors of at least ~1.5 M elements, in any layout: there the Numba
-    kernel beat the accurate native path (``native_group_norm``, which pays an extra pass for the
-    group-mean shift) by 1.0-2.3x and the fused native composite by 1.1-2.8x (2 threads, quiet
-    machine; docs/PERFORMANCE.md). Below that our kernel's fixed cost (~0.4 ms a call) loses, so small
-    tensors stay on torch's op. CUDA stays "native" until the Triton kernels have been timed on a GPU.
+    "cpu" for float32/float64 CPU tensors from the size in ``_CPU_FROM`` for their memory format
+    (NCHW-contiguous or channels_last-like), fused or not, and whether a backward will follow; below
+    it the kernels' fixed cost per call (Python, autograd) loses to torch's op. CUDA stays "native"
+    until the Triton kernels have been timed on a GPU.
     """
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and x.numel() >= 3 << 19 and _cpu_kernels_available()):
-        return "cpu"
-    return "native"
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or not _cpu_kernels_available()):
+        return "native"
+    layout = "nchw" if x.is_contiguous() else "cl"
+    fused = activation is not None or residual is not None
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    return "cpu" if x.numel() >= _CPU_FROM[(layout, fused, training)] else "native"
 
 
 _cpu_ok = None

@@ -77,14 +77,22 @@ def test_auto_resolves_to_a_concrete_backend():
 
 
 def test_auto_rule_follows_the_benchmark():
-    """auto: our CPU kernel for large float CPU tensors (where it measured faster), torch's op elsewhere."""
+    """auto: our CPU kernel where benchmarks/bench_auto.py measured it faster, torch's op elsewhere."""
     big = torch.empty(2, 256, 56, 56)            # 1.6 M elements: ResNet-50 stage 1 at batch 2
-    small = torch.empty(2, 2048, 7, 7)
+    mid = torch.empty(2, 2048, 7, 7)             # 0.2 M
+    tiny = torch.empty(2, 64, 4, 4)              # 2 K
+    train = torch.empty(2, 2048, 7, 7, requires_grad=True)
     with groupnorm.use_backend("auto"):
         assert backends.resolve_backend(big, activation="silu") == "cpu"
         assert backends.resolve_backend(big, residual=big) == "cpu"
         assert backends.resolve_backend(big.to(memory_format=torch.channels_last)) == "cpu"
-        assert backends.resolve_backend(small, activation="silu") == "native"
+        assert backends.resolve_backend(mid, activation="silu") == "cpu"          # fused forward
+        assert backends.resolve_backend(mid) == "native"                          # plain forward
+        assert backends.resolve_backend(train, activation="silu") == "native"    # + backward
+        with torch.no_grad():
+            assert backends.resolve_backend(train, activation="silu") == "cpu"
+        assert backends.resolve_backend(mid.to(memory_format=torch.channels_last)) == "cpu"
+        assert backends.resolve_backend(tiny) == "native"
         assert backends.resolve_backend(big.bfloat16(), activation="silu") == "native"
 
 
