@@ -209,9 +209,11 @@ def _ov_dgelu(z):
 # pairwise at the end. The order depends on the shape only. (A float64 reduction written as a plain
 # loop does not vectorize without fastmath "reassoc"; independent lanes do.)
 #
-# Hot loops create their array views (slices) inside the function that loops: passing fresh views to
-# a non-inlined call costs two atomic reference-count updates per call, which per row or channel
-# was the largest cost of the kernels.
+# Views cost: each slice adds and drops a reference on its array with atomic instructions. So hot
+# loops slice inside the function that loops (a fresh view passed to a non-inlined call costs two
+# more updates per call), the channels_last kernels index their 3-D arrays instead of slicing rows,
+# and the threaded entry points hand the kernels borrowed arrays (``_borrowed``), whose views skip
+# the counting: two threads updating one count made the kernels slower on two threads than on one.
 # -------------------------------------------------------------------------------------------------
 
 @njit(**OPTS)

@@ -31,15 +31,21 @@ x - mean is taken as (x - hi) - lo with hi the stored mean and lo its float64 re
 |mean| * rstd > 4 (below, dropping it costs < 3e-7 of x_hat), so y and dx keep float32 accuracy for
 any mean. Measured: ~1e-7 relative to the float64 reference in float32, ~1e-14 in float64.
 
-Determinism. fastmath is off (except multiply-add fusion inside the activation functions) and every
-sum has a fixed order that depends on the shape only (fixed lanes folded pairwise, chunks and
-samples in index order); no atomics. Same input, same bits, on every run and for any thread count.
+Determinism. fastmath is off, except multiply-add fusion inside the activation functions and
+reordering inside the backward's per-channel blocks of 256 (``_cpu_kernels._dots``, so that the
+compiler vectorizes them; the order then depends on the shape and the machine's vector width). Every
+other sum has a fixed order that depends on the shape only (fixed lanes folded pairwise, chunks and
+samples in index order); no atomics on data. Same input, same bits, on every run and for any thread
+count.
 
-Threads. The kernels are serial Numba functions over ranges of tasks that release the GIL; ``_run``
-spreads the ranges over ``torch.get_num_threads()`` threads (a small persistent pool), one thread for
-inputs under ~32K elements. Compiled code is cached on disk (``NUMBA_CACHE_DIR``, else
-``__pycache__``): the first call in a fresh environment compiles (~15-30 s for everything, both
-dtypes, on 2 cores), later processes load it in well under a second.
+Threads. The kernels are serial Numba functions over ranges of tasks; ``_run`` spreads the ranges
+over ``torch.get_num_threads()`` threads, one thread for inputs under ~32K elements. Where torch runs
+on OpenMP (Linux builds) the threads are torch's own OpenMP team: a cached C entry point per kernel,
+launched through the runtime's GOMP_parallel, takes pieces off an atomic counter (~3 us a launch, no
+GIL; the team's threads are the ones torch's ops keep warm). Elsewhere a pool of Python threads runs
+the pieces (tens of microseconds a wake-up, so only for larger inputs). Compiled code is cached on
+disk (``NUMBA_CACHE_DIR``, else ``__pycache__``): the first call in a fresh environment compiles
+(~30-40 s for everything, both dtypes, on 2 cores), later processes load it in well under a second.
 """
 
 from __future__ import annotations
