@@ -31,6 +31,7 @@ G = 32
 LADDER = [(2, 64, 8, 8), (2, 128, 16, 16), (2, 256, 16, 16), (2, 256, 28, 28), (2, 512, 28, 28),
           (2, 256, 56, 56), (2, 512, 56, 56), (2, 256, 112, 112)]
 CASES = ("fwd", "fwd+bwd", "fused", "fused+bwd")
+ITERS = (10, 200)   # timed calls per median: at least, at most (fewer for larger tensors)
 
 
 def make_call(s, case):
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         numel = 1
         for d in shape:
             numel *= d
-        iters = max(10, min(200, int(4e7 / numel)))
+        iters = max(ITERS[0], min(ITERS[1], int(4e7 / numel)))
         for fmt_name, fmt in (("nchw", torch.contiguous_format), ("cl", torch.channels_last)):
             gen = torch.Generator().manual_seed(0)
 

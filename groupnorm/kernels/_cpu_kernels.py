@@ -928,45 +928,34 @@ def launch(gomp_parallel, entry_address, threads, packed):
     _gomp_parallel(gomp_parallel, entry_address, _address_of(packed), threads)
 
 
+# The task kernels that run threaded, told apart by the number of arguments after (t0, t1).
+_THREADED = {15: cf_forward_tasks, 17: cf_backward_tasks, 9: cl_forward_tasks, 12: cl_backward_tasks}
+
+
+def _call_task_kernel(t0, t1, args):
+    raise NotImplementedError
+
+
+@overload(_call_task_kernel, jit_options=OPTS)
+def _ov_call_task_kernel(t0, t1, args):
+    kernel = _THREADED[len(args.types)]
+    return lambda t0, t1, args: kernel(t0, t1, *args)
+
+
+def _entry_body(p):
+    ntasks, pieces, counter, args = _load(p)
+    i = _next_piece(counter)
+    while i < pieces:
+        _call_task_kernel(ntasks * i // pieces, ntasks * (i + 1) // pieces, _borrowed(args))
+        i = _next_piece(counter)
+
+
 def entry(kernel, packed_type):
-    """The C entry point (a cached ``cfunc``) that runs ``kernel``'s pieces from a packed tuple of
-    type ``packed_type``. One body per kernel: the body names its kernel as a global, which keeps it
-    free of closure variables, and Numba's cache tells the entry points apart by their signature."""
+    """The C entry point (a cached ``cfunc``) that runs ``kernel``'s pieces from a packed tuple
+    (ntasks, pieces, counter, args) of type ``packed_type``. One body for all kernels, with no
+    closure variables (Numba's cache keys a cfunc by its code and signature): the kernel is chosen
+    at compile time from the arguments' count."""
+    if _THREADED.get(len(packed_type.types[3].types)) is not kernel:
+        raise ValueError(f"no threaded entry point for {kernel} with arguments {packed_type}")
     sig = types.void(types.CPointer(packed_type))
-    return cfunc(sig, cache=True, error_model="numpy")(_ENTRY_BODIES[kernel])
-
-
-def _cf_forward_entry(p):
-    ntasks, pieces, counter, args = _load(p)
-    i = _next_piece(counter)
-    while i < pieces:
-        cf_forward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *_borrowed(args))
-        i = _next_piece(counter)
-
-
-def _cf_backward_entry(p):
-    ntasks, pieces, counter, args = _load(p)
-    i = _next_piece(counter)
-    while i < pieces:
-        cf_backward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *_borrowed(args))
-        i = _next_piece(counter)
-
-
-def _cl_forward_entry(p):
-    ntasks, pieces, counter, args = _load(p)
-    i = _next_piece(counter)
-    while i < pieces:
-        cl_forward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *_borrowed(args))
-        i = _next_piece(counter)
-
-
-def _cl_backward_entry(p):
-    ntasks, pieces, counter, args = _load(p)
-    i = _next_piece(counter)
-    while i < pieces:
-        cl_backward_tasks(ntasks * i // pieces, ntasks * (i + 1) // pieces, *_borrowed(args))
-        i = _next_piece(counter)
-
-
-_ENTRY_BODIES = {cf_forward_tasks: _cf_forward_entry, cf_backward_tasks: _cf_backward_entry,
-                 cl_forward_tasks: _cl_forward_entry, cl_backward_tasks: _cl_backward_entry}
+    return cfunc(sig, cache=True, error_model="numpy")(_entry_body)
