@@ -7,6 +7,7 @@ dz, and the float64 remainder of the mean (lo) used when |mean| >> std.
 """
 import math
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -210,6 +211,26 @@ def test_runs_on_torchs_openmp_team_where_torch_uses_openmp():
     if sys.platform != "linux" or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("torch does not run on OpenMP here")
     assert cpu._GOMP_PARALLEL is not None
+
+
+def test_concurrent_calls_from_python_threads():
+    """Each calling thread gets its own OpenMP team: results stay exact when threads overlap."""
+    xs = [make((2, 32, 6, 6), torch.float32, layout, seed=i) for i, layout in enumerate(["nchw", "cl"] * 2)]
+    w, b = params(32, torch.float32)
+    expected = [cpu.forward(x, w, b, None, 4, 1e-5, "silu")[0] for x in xs]
+    mismatches = []
+
+    def work(i):
+        for _ in range(10):
+            if not torch.equal(cpu.forward(xs[i], w, b, None, 4, 1e-5, "silu")[0], expected[i]):
+                mismatches.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert mismatches == []
 
 
 def test_empty_batch():
