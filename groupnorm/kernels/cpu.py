@@ -43,7 +43,9 @@ over ``torch.get_num_threads()`` threads, one thread for inputs under ~32K eleme
 on OpenMP (Linux builds) the threads are torch's own OpenMP team: a cached C entry point per kernel,
 launched through the runtime's GOMP_parallel, takes pieces off an atomic counter (~3 us a launch, no
 GIL; the team's threads are the ones torch's ops keep warm). Elsewhere a pool of Python threads runs
-the pieces (tens of microseconds a wake-up, so only for larger inputs). Compiled code is cached on
+the pieces (tens of microseconds a wake-up, so only for larger inputs). Each calling thread gets its
+own OpenMP team, so concurrent calls from Python threads are fine (tested); as with torch's own ops,
+start worker processes with spawn, not fork, once threads have run. Compiled code is cached on
 disk (``NUMBA_CACHE_DIR``, else ``__pycache__``): the first call in a fresh environment compiles
 (~30-40 s for everything, both dtypes, on 2 cores), later processes load it in well under a second.
 """
