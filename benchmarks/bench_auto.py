@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import groupnorm.functional as GF  # noqa: E402
+from bench_kernels import Timer, median_time  # noqa: E402
 from groupnorm import use_backend  # noqa: E402
 
 G = 32
@@ -50,15 +50,8 @@ def make_call(s, case):
 
 def median_ms(backend, sets, case, iters) -> float:
     with use_backend(backend):
-        calls = [make_call(s, case) for s in sets]
-        for c in calls:
-            c()
-        times = []
-        for i in range(iters):
-            t0 = time.perf_counter()
-            calls[i % len(calls)]()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        return 1e3 * median_time(Timer(torch.device("cpu")), lambda s: make_call(s, case), sets,
+                                 iters, 0.0, iters)
 
 
 def main(argv=None) -> int:
