@@ -76,7 +76,7 @@ _scratch = np.empty
 _pool = None
 _pool_lock = threading.Lock()
 # Elements below which waking a thread costs more than it saves, and the least work worth a piece of
-# its own, for torch's OpenMP team (~3 us a launch); 4x / 8x that for Python threads (~30-100 us).
+# its own, for torch's OpenMP team (~3 us a launch); 8x both for Python threads (~30-100 us).
 _MIN_WORK_PER_THREAD = 1 << 15
 _MIN_WORK_PER_PIECE = 1 << 18
 
@@ -114,7 +114,7 @@ def _openmp_parallel() -> int | None:
 
 
 _GOMP_PARALLEL = _openmp_parallel()
-_entries = {}   # (kernel, argument key) -> (C entry point, argument key)
+_entries = {}   # (kernel, *argument keys) -> its C entry point (a cfunc)
 
 
 def _arg_key(a):
