@@ -24,19 +24,19 @@ Layouts. Inputs are seen, without copying, as one of two contiguous NumPy views:
   and channels, and the tasks then normalize (backward: dx) their rows.
 
 Accuracy. The statistics are sums of values shifted by a sample of the data (the group's first element
-in "cf", each channel's first element in "cl"), so they are small and centred: two-level sums, 16
-terms per lane in x's dtype, then float64 lanes, merged across chunks and channels with the exact
-parallel-variance formula in float64. Nothing cancels even at mean 1000 and std 1 in float32.
+in "cf", each channel's first element in "cl"), so they are small and centred: two-level sums (in
+"cf" blocks of 256 in x's dtype, in "cl" 16 rows per channel), then float64, merged across chunks
+and channels with the exact parallel-variance formula in float64. Nothing cancels even at mean 1000
+and std 1 in float32.
 x - mean is taken as (x - hi) - lo with hi the stored mean and lo its float64 remainder, kept when
 |mean| * rstd > 4 (below, dropping it costs < 3e-7 of x_hat), so y and dx keep float32 accuracy for
 any mean. Measured: ~1e-7 relative to the float64 reference in float32, ~1e-14 in float64.
 
 Determinism. fastmath is off, except multiply-add fusion inside the activation functions and
-reordering inside the backward's per-channel blocks of 256 (``_cpu_kernels._dots``, so that the
+reordering inside the "cf" sums' blocks of 256 (``_cpu_kernels._sums`` and ``_dots``, so that the
 compiler vectorizes them; the order then depends on the shape and the machine's vector width). Every
-other sum has a fixed order that depends on the shape only (fixed lanes folded pairwise, chunks and
-samples in index order); no atomics on data. Same input, same bits, on every run and for any thread
-count.
+other sum has a fixed order that depends on the shape only (chunks and samples in index order); no
+atomics on data. Same input, same bits, on every run and for any thread count.
 
 Threads. The kernels are serial Numba functions over ranges of tasks; ``_run`` spreads the ranges
 over ``torch.get_num_threads()`` threads, one thread for inputs under ~32K elements. Where torch runs
@@ -246,16 +246,31 @@ def _alloc_like(x, dtype):
     return _empty(tuple(x.shape), dtype=dtype)
 
 
+_FILLS = {}   # (C, fill) -> the float64 (C,) array _param gives for a missing weight or bias
+
+
 def _param(p, C, fill, name):
-    """gamma or beta as a contiguous float64 (C,) array (all `fill` when None)."""
+    """gamma or beta as a contiguous float64 (C,) array (all `fill` when None; kernels never write
+    these, so the fill arrays are shared)."""
     if p is None:
-        return np.full(C, fill)
+        a = _FILLS.get((C, fill))
+        if a is None:
+            a = _FILLS[(C, fill)] = np.full(C, fill)
+        return a
     if not isinstance(p, torch.Tensor) or tuple(p.shape) != (C,):
         shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
         raise ValueError(f"groupnorm.kernels.cpu: {name} must have shape ({C},), got {shape}")
     if p.device.type != "cpu" or p.dtype not in _DTYPES:
         p = p.detach().to(device="cpu", dtype=torch.float64)
-    return np.ascontiguousarray(p.detach().numpy(), dtype=np.float64)
+    a = p.detach().numpy()
+    return a if a.dtype == np.float64 and a.flags.c_contiguous else a.astype(np.float64)
+
+
+def _param_grad_dtype(weight, bias):
+    """The dtype the kernels store dweight and dbias in: the parameters' when they share a float32 or
+    float64 dtype (no cast afterwards), else float64 (cast to each parameter's dtype after)."""
+    dtypes = {p.dtype for p in (weight, bias) if p is not None}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(_DTYPES) else torch.float64
 
 
 def _cf_chunks(N, G, D):
@@ -359,13 +374,14 @@ def backward(grad_y, x, weight, bias, residual, mean, rstd, num_groups: int, act
     store_dr = need_dr and act != 0
     dx = _alloc_like(x, x.dtype) if need_dx else None
     dr = _alloc_like(x, x.dtype) if store_dr else (grad_y if need_dr else None)
-    dgamma = np.zeros(C)
-    dbeta = np.zeros(C)
+    gdt = _param_grad_dtype(weight, bias)
+    dgamma = torch.zeros(C, dtype=gdt)
+    dbeta = torch.zeros(C, dtype=gdt)
     if x.numel() and (need_dx or need_dw or need_db or store_dr):
         _backward(grad_y, x, weight, bias, residual, mean, rstd, G, act, layout, dx,
-                  dr if store_dr else None, dgamma, dbeta)
-    dw = torch.from_numpy(dgamma).to(weight.dtype) if need_dw else None
-    db = torch.from_numpy(dbeta).to(bias.dtype) if need_db else None
+                  dr if store_dr else None, dgamma.numpy(), dbeta.numpy())
+    dw = dgamma.to(weight.dtype) if need_dw else None
+    db = dbeta.to(bias.dtype) if need_db else None
     return dx, dw, db, dr
 
 
