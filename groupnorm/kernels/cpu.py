@@ -33,10 +33,10 @@ x - mean is taken as (x - hi) - lo with hi the stored mean and lo its float64 re
 any mean. Measured: ~1e-7 relative to the float64 reference in float32, ~1e-14 in float64.
 
 Determinism. fastmath is off, except multiply-add fusion inside the activation functions and
-reordering inside the "cf" sums' blocks of 256 (``_cpu_kernels._sums`` and ``_dots``, so that the
-compiler vectorizes them; the order then depends on the shape and the machine's vector width). Every
-other sum has a fixed order that depends on the shape only (chunks and samples in index order); no
-atomics on data. Same input, same bits, on every run and for any thread count.
+reordering inside the "cf" sums' blocks of 256 (``_cpu_kernels._sums``, ``_dots``, ``_dots4``, so
+that the compiler vectorizes them; the order then depends on the shape and the machine's vector
+width). Every other sum has a fixed order that depends on the shape only (chunks and samples in index
+order); no atomics on data. Same input, same bits, on every run and for any thread count.
 
 Threads. The kernels are serial Numba functions over ranges of tasks; ``_run`` spreads the ranges
 over ``torch.get_num_threads()`` threads, one thread for inputs under ~32K elements. Where torch runs

@@ -119,6 +119,8 @@ CASES = [
     ((5, 12), "nchw", 4),               # (N, C)
     ((3, 12, 1, 1), "nchw", 12),        # one position: G = C, instance norm of a single value
     ((2, 8, 7, 6), "strided", 2),       # non-contiguous input
+    ((2, 12, 7, 7), "nchw", 2),         # cf, short channels: 4 at a time, then 2 one by one
+    ((1, 171, 7, 7), "nchw", 1),        # cf, short channels in chunks that cut a channel
 ]
 
 
@@ -143,6 +145,8 @@ def test_paths_are_covered():
     assert cpu._layout(make((3, 12, 50), torch.float32, "cl")) == "cl"
     assert cpu._layout(make((3, 12, 50), torch.float32, "nchw")) == "cf"
     assert cpu._layout(make((5, 12), torch.float32)) == "cl"
+    assert 49 <= K.SHORT
+    assert cpu._cf_chunks(1, 1, 171 * 49) == 2 and (171 * 49 // 2) % 49    # a chunk cuts a channel
 
 
 @pytest.mark.parametrize("shape,layout,G", [((4, 8, 6, 5), "nchw", 2), ((1, 4, 64, 40), "nchw", 1),
