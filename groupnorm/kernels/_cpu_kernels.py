@@ -619,8 +619,16 @@ def cf_backward_tasks(t0, t1, mode, dy, x, r, rc, gamma, rstd, G, act, Q, dx, ne
 
 
 @njit(**OPTS)
-def cf_backward_combine(part, ab):
-    """ab[n, k, c] from the chunk sums part[(n, g, q), k, c - g*Cg], q in order."""
+def cf_backward_combine(part, ab, gamma, rstd, D, coef, dgamma, dbeta):
+    """ab[n, k, c] from the chunk sums part[(n, g, q), k, c - g*Cg], q in order; then the dx
+    coefficients and the parameter gradients (one call: each call from Python costs ~5 us)."""
+    _cf_merge_chunks(part, ab)
+    all_dx_coefs(ab, gamma, rstd, D, coef)
+    param_grads(ab, rstd, dgamma, dbeta)
+
+
+@njit(**OPTS)
+def _cf_merge_chunks(part, ab):
     N = ab.shape[0]
     C = ab.shape[2]
     Cg = part.shape[2]
@@ -849,9 +857,12 @@ def cl_backward_tasks(t0, t1, phase, dy, x, r, rc, act, P, dx, dr, store_dr, par
 
 
 @njit(**OPTS)
-def cl_backward_combine(part, ab):
+def cl_backward_combine(part, ab, gamma, rstd, D, coef, dgamma, dbeta):
+    """ab[n] from the chunk sums, then the dx coefficients and the parameter gradients."""
     for n in range(part.shape[0]):
         _sum_chunks(part, n, ab[n])
+    all_dx_coefs(ab, gamma, rstd, D, coef)
+    param_grads(ab, rstd, dgamma, dbeta)
 
 
 # -------------------------------------------------------------------------------------------------

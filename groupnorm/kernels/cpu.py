@@ -426,10 +426,10 @@ def _backward(grad_y, x, weight, bias, residual, mean, rstd, G, act, layout, dx,
         args = (dyv, xv, rv, rc, gamma, sv, G, act, Q, dxv, need_dx, drv, store_dr, part, ab, coef)
         if Q == 1:
             _run(work, K.cf_backward_tasks, N * G, 0, *args)
+            K.param_grads(ab, sv, dgamma, dbeta)
         else:
             _run(work, K.cf_backward_tasks, N * G * Q, 1, *args)
-            K.cf_backward_combine(part, ab)
-            K.all_dx_coefs(ab, gamma, sv, D, coef)
+            K.cf_backward_combine(part, ab, gamma, sv, D, coef, dgamma, dbeta)
             if need_dx:
                 _run(work, K.cf_backward_tasks, N * G * Q, 2, *args)
     else:
@@ -441,8 +441,6 @@ def _backward(grad_y, x, weight, bias, residual, mean, rstd, G, act, layout, dx,
             K.cl_set_lo(xv, part, _scratch((2, C)), G, coef)
         args = (dyv, xv, rv, rc, act, P, dxv, drv, store_dr, part, coef)
         _run(work, K.cl_backward_tasks, N * P, 0, *args)
-        K.cl_backward_combine(part, ab)
-        K.all_dx_coefs(ab, gamma, sv, S * (C // G), coef)
+        K.cl_backward_combine(part, ab, gamma, sv, S * (C // G), coef, dgamma, dbeta)
         if need_dx:
             _run(work, K.cl_backward_tasks, N * P, 1, *args)
-    K.param_grads(ab, sv, dgamma, dbeta)
