@@ -226,7 +226,7 @@ def _ov_zero(a):
     return lambda a: zero
 
 
-_DOT_OPTS = dict(OPTS, fastmath={"reassoc"})   # _dots only: see there
+_DOT_OPTS = dict(OPTS, fastmath={"reassoc"})   # blocked sums only (_dots, _sums, _dots4)
 
 
 @njit(**_DOT_OPTS)

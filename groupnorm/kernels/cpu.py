@@ -117,7 +117,8 @@ def _openmp_parallel() -> int | None:
 _GOMP_PARALLEL = _openmp_parallel()
 # (kernel, Numba's fingerprint of the packed arguments) -> the kernel's C entry point (a cfunc). The
 # fingerprint (~1 us; numba.typeof costs ~300 us) holds each array's dtype, rank, layout and
-# writeability, not its alignment: _view's arrays are always aligned, as are the scratch arrays.
+# writeability, not its alignment, so _run keys arguments with an unaligned array by their full
+# Numba type instead (never seen in practice: torch and NumPy allocate aligned).
 _entries = {}
 
 
@@ -141,7 +142,8 @@ def _run(work: int, fn, ntasks: int, *args) -> None:
         _run_python_threads(threads, pieces, fn, ntasks, args)
         return
     packed = (ntasks, pieces, np.zeros(1, np.int64), args)
-    key = (fn, compute_fingerprint(packed))
+    aligned = all(a.flags.aligned for a in args if isinstance(a, np.ndarray))
+    key = (fn, compute_fingerprint(packed) if aligned else numba.typeof(packed))
     entry = _entries.get(key)
     if entry is None:
         entry = _entries[key] = K.entry(fn, numba.typeof(packed))
@@ -234,7 +236,7 @@ def _layout(x) -> str:
 
 def _view(t, layout, dtype=None):
     """NumPy view of t as (N, C*S) ('cf') or (N, S, C) ('cl'); copies only when t is in another
-    layout (or dtype). Arrays come out aligned (the entry-point cache in _run relies on it)."""
+    layout (or dtype)."""
     t = t.detach()
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
@@ -247,7 +249,7 @@ def _view(t, layout, dtype=None):
         a = a.reshape(N, -1, C) if a.flags.c_contiguous else None   # (reshape is then a view)
     if a is None:
         a = t.movedim(1, -1).contiguous().numpy().reshape(N, -1, C)
-    return a if a.flags.aligned else a.copy()
+    return a
 
 
 def _alloc_like(x, dtype):
