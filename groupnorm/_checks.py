@@ -11,6 +11,15 @@ from __future__ import annotations
 import torch
 
 ACTIVATIONS = (None, "relu", "silu", "gelu")
+_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def channels_last_order(t) -> bool:
+    """Whether t's (N, *spatial, C) permutation is contiguous: channels_last, channels_last_3d, an
+    (N, L, C) tensor seen as (N, C, L). torch's own check where it has one (4-D and 5-D, ~0.3 us
+    against ~2 us for moving the axis and asking); the same answer for every stride pattern."""
+    fmt = _CL_FORMATS.get(t.dim())
+    return t.is_contiguous(memory_format=fmt) if fmt else t.movedim(1, -1).is_contiguous()
 
 
 def _shape(x) -> tuple:

@@ -106,7 +106,7 @@ def _check_batch_args(input, running_mean, running_var, weight, bias, momentum, 
 
 def _channels_last_like(x) -> bool:
     """True when x is laid out (N, *spatial, C) in memory (channels_last / channels_last_3d)."""
-    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+    return x.dim() > 2 and not x.is_contiguous() and _checks.channels_last_order(x)
 
 
 class _WorkerView:

@@ -67,7 +67,7 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 
 
 def _is_channels_last_like(x: Tensor) -> bool:
-    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+    return x.dim() > 2 and not x.is_contiguous() and _checks.channels_last_order(x)
 
 
 def _new_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -485,7 +485,7 @@ def _layout(x):
     copy."""
     if x.is_contiguous():
         return x, False
-    if x.movedim(1, -1).is_contiguous():
+    if _checks.channels_last_order(x):
         return x, True
     return x.contiguous(), False
 
