@@ -8,18 +8,16 @@ batch (N = 0) gives an empty output.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+# The fused activations, in the order of their integer codes in the compiled kernels (0..3).
 ACTIVATIONS = (None, "relu", "silu", "gelu")
-_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_HALF = (torch.float16, torch.bfloat16)
+_FLOATS = (torch.float32, torch.float64) + _HALF
 
-
-def channels_last_order(t) -> bool:
-    """Whether t's (N, *spatial, C) permutation is contiguous: channels_last, channels_last_3d, an
-    (N, L, C) tensor seen as (N, C, L). torch's own check where it has one (4-D and 5-D, ~0.3 us
-    against ~2 us for moving the axis and asking); the same answer for every stride pattern."""
-    fmt = _CL_FORMATS.get(t.dim())
-    return t.is_contiguous(memory_format=fmt) if fmt else t.movedim(1, -1).is_contiguous()
+from ._layout import channels_last_order  # noqa: E402,F401  (old home; kernels move to _layout)
 
 
 def _shape(x) -> tuple:
@@ -128,6 +126,57 @@ def check_momentum(momentum, where: str = "batch_norm", allow_none: bool = False
         return
     if momentum is None or not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"{where}: momentum must be in [0, 1], got {momentum!r}")
+
+
+def check_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
+                     residual=None, where: str = "group_norm") -> None:
+    """Every argument of Group Norm, checked once at the public boundary (``functional.group_norm``);
+    the backends and kernels below it assume what this guarantees:
+
+    * x: a float16/bfloat16/float32/float64 tensor of rank >= 2, (N, C, *spatial);
+    * num_groups: a positive int dividing C;
+    * weight, bias: None or real floating tensors of shape (C,) on x's device, in x's dtype, or
+      float32 when x is float16/bfloat16 (parameters kept in float32 under mixed precision);
+    * eps: a finite number > 0; activation: one of ``ACTIVATIONS``;
+    * residual: None or a tensor of x's shape, dtype and device.
+
+    Written for speed (it runs on every call): the common case costs a few attribute reads.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{where}: expected a float16, bfloat16, float32 or float64 input, "
+                        f"got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{where}: expected an input of rank >= 2 (N, C, *spatial), "
+                         f"got rank {x.dim()} with shape {_shape(x)}")
+    channels = x.shape[1]
+    if type(num_groups) is not int or num_groups <= 0 or channels % num_groups:
+        resolve_groups(channels, num_groups, None, where)   # raises the precise message
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _check_param(p, name, x, where)
+    if type(eps) is not float or not 0.0 < eps < math.inf:
+        check_eps(eps, where)
+    if activation not in ACTIVATIONS:
+        check_activation(activation, where)
+    if residual is not None:
+        check_residual(residual, x, where)
+
+
+def _check_param(p, name, x, where):
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor or None, got {type(p).__name__}")
+    channels = x.shape[1]
+    if p.dim() != 1 or p.shape[0] != channels:
+        raise ValueError(f"{where}: {name} must have shape ({channels},) for an input with "
+                         f"{channels} channels, got {_shape(p)}")
+    if p.dtype != x.dtype and not (p.dtype == torch.float32 and x.dtype in _HALF):
+        allowed = "float32 or " + str(x.dtype) if x.dtype in _HALF else str(x.dtype)
+        raise TypeError(f"{where}: {name} dtype {p.dtype} does not go with input dtype {x.dtype}; "
+                        f"expected {allowed}")
+    if p.device != x.device:
+        raise ValueError(f"{where}: {name} is on {p.device} but the input is on {x.device}")
 
 
 def check_num_channels(num_channels, where: str = "module") -> None:

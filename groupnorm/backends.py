@@ -1,47 +1,47 @@
-"""Backend registry for Group Normalization: who computes ``group_norm``.
+"""Backend registry for Group Normalization: who computes ``group_norm``. The one owner of backend
+names, their availability and the "auto" choice.
 
-Backends:
+Backends (each a module with ``available()`` and ``group_norm(x, num_groups, weight, bias, eps,
+activation, residual)``):
 
-* ``"native"``: torch's own operators (``F.group_norm`` + unfused residual add and activation),
-  made accurate in every memory format by shifting each group by its (detached) mean first; see
-  ``native_group_norm``.
-* ``"cpu"``: the Numba kernels of ``groupnorm.kernels.cpu`` through the custom op
-  ``groupnorm.kernels.op`` (fused residual and activation).
-* ``"triton"``: the Triton kernels of ``groupnorm.kernels.triton`` through the same custom op.
-* ``"auto"`` (the default): chooses one of the above per call, see ``_choose_auto``.
+* ``"native"``: torch's own operators, exact in every layout (``groupnorm.kernels.native``).
+* ``"cpu"``: the compiled C++ op (``groupnorm.kernels.cpu``): fused residual and activation, CPU
+  tensors. Built by ``scripts/setup.sh`` (``python -m groupnorm.kernels.build``).
+* ``"triton"``: the Triton kernels (``groupnorm.kernels.triton``): CUDA tensors, or CPU tensors
+  under ``TRITON_INTERPRET=1``.
+* ``"auto"`` (the default): "cpu" for CPU tensors and "triton" for CUDA tensors when they are
+  available, else "native" (with one warning that names the cause and the fix).
 
 The choice is process-wide with ``set_backend(name)``; ``use_backend(name)`` overrides it for the
-current thread inside a ``with`` block and restores the previous choice on exit. The environment
-variable ``GROUPNORM_BACKEND`` sets the initial process-wide choice.
-
-The kernels are imported lazily, on the first call that needs them, so that ``import groupnorm``
-never loads Numba or Triton.
+current thread inside a ``with`` block. The environment variable ``GROUPNORM_BACKEND`` sets the
+initial process-wide choice. A backend's module is imported on the first call that needs it, so
+``import groupnorm`` never loads Triton or the extension.
 """
-
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
 import threading
+import warnings
 
-import torch
-import torch.nn.functional as F
+BACKENDS = ("auto", "native", "cpu", "triton")
 
-BACKENDS = ("native", "cpu", "triton", "auto")
+__all__ = ["BACKENDS", "BackendUnavailable", "set_backend", "get_backend", "use_backend",
+           "available", "load", "resolve", "group_norm"]
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "group_norm",
-           "native_group_norm", "resolve_backend"]
+_MODULES = {"native": "groupnorm.kernels.native", "cpu": "groupnorm.kernels.cpu",
+            "triton": "groupnorm.kernels.triton"}
+_FIX = {"cpu": "build it with `bash scripts/setup.sh` (or `python -m groupnorm.kernels.build`)",
+        "triton": "install Triton (`pip install triton`, needs a CUDA GPU) or use backend 'native'"}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why and what to do."""
+
 
 _local = threading.local()  # .stack: the use_backend overrides of this thread, innermost last
 _global_choice = "auto"
-
-ACTIVATION_FUNCTIONS = {
-    None: None,
-    "relu": F.relu,
-    "silu": F.silu,
-    "gelu": F.gelu,  # exact (erf) form, as in the reference
-}
 
 
 def _validate(name) -> str:
@@ -80,143 +80,78 @@ if "GROUPNORM_BACKEND" in os.environ:
     set_backend(os.environ["GROUPNORM_BACKEND"])
 
 
-# Smallest CPU tensor (elements) for which "auto" takes our kernels, by (memory format, fused,
-# training): the sizes from which they beat the accurate native path at every larger size of
-# benchmarks/bench_auto.py's ladder (2 threads; docs/PERFORMANCE.md, session 3). "fused" = with
-# an activation or a residual; "training" = autograd will need the backward.
-_CPU_FROM = {
-    ("nchw", False, False): 3 << 17,   # 0.39 M: plain forward
-    ("nchw", True, False): 1 << 17,    # 0.13 M: fused forward
-    ("nchw", False, True): 3 << 19,    # 1.6 M: plain forward + backward
-    ("nchw", True, True): 3 << 18,     # 0.79 M: fused forward + backward
-    ("cl", False, False): 1 << 13,     # channels_last forward: from the smallest size measured
-    ("cl", True, False): 1 << 13,
-    ("cl", False, True): 3 << 17,      # channels_last forward + backward
-    ("cl", True, True): 3 << 17,
-}
+# ---- availability --------------------------------------------------------------------------------
+_loaded: dict = {}    # name -> module, for the backends that are usable
+_reasons: dict = {}   # name -> why it is not
+_warned: set = set()
 
 
-def _choose_auto(x, weight=None, bias=None, residual=None, activation=None) -> str:
-    """The backend "auto" picks for this call: where our kernels are correct and faster, else "native".
-
-    "cpu" for float32/float64 CPU tensors from the size in ``_CPU_FROM`` for their memory format
-    (NCHW-contiguous or channels_last-like), fused or not, and whether a backward will follow; below
-    it the kernels' fixed cost per call (Python, autograd) loses to torch's op. CUDA stays "native"
-    until the Triton kernels have been timed on a GPU.
-    """
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or not _cpu_kernels_available()):
-        return "native"
-    layout = "nchw" if x.is_contiguous() else "cl"
-    fused = activation is not None or residual is not None
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    return "cpu" if x.numel() >= _CPU_FROM[(layout, fused, training)] else "native"
-
-
-_cpu_ok = None
-
-
-def _cpu_kernels_available() -> bool:
-    """Whether groupnorm.kernels.cpu (Numba) imports; tried once."""
-    global _cpu_ok
-    if _cpu_ok is None:
+def available(name: str) -> str | None:
+    """None when backend ``name`` can run in this process, else the reason (one line, with the fix).
+    The import is tried once."""
+    name = _validate(name)
+    if name == "auto" or name in _loaded:
+        return None
+    if name not in _reasons:
         try:
-            importlib.import_module("groupnorm.kernels.cpu")
-            _cpu_ok = True
-        except Exception:  # Numba missing or broken: "auto" stays on torch's ops
-            _cpu_ok = False
-    return _cpu_ok
+            module = importlib.import_module(_MODULES[name])
+            reason = module.available() if hasattr(module, "available") else "not ported yet"  # TEMP
+        except ImportError as exc:   # the kernel library itself is missing (Triton not installed)
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is None:
+            _loaded[name] = module
+            return None
+        _reasons[name] = f"{reason}; {_FIX[name]}" if name in _FIX else reason
+    return _reasons[name]
 
 
-def resolve_backend(x, weight=None, bias=None, residual=None, activation=None) -> str:
-    """The concrete backend ("native", "cpu" or "triton") that ``group_norm`` would use for x."""
+def load(name: str):
+    """The module of backend ``name``; ``BackendUnavailable`` with the reason when it cannot run."""
+    module = _loaded.get(name)
+    if module is None:
+        reason = available(name)
+        if reason is not None:
+            raise BackendUnavailable(f"groupnorm backend {name!r} is unavailable: {reason}")
+        module = _loaded[name]
+    return module
+
+
+def _triton_devices() -> tuple:
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def _auto(device_type: str):
+    preferred = {"cpu": "cpu", "cuda": "triton"}.get(device_type)
+    if preferred is not None:
+        module = _loaded.get(preferred)
+        if module is not None:
+            return module
+        reason = available(preferred)
+        if reason is None:
+            return _loaded[preferred]
+        if preferred not in _warned:
+            _warned.add(preferred)
+            warnings.warn(f"groupnorm: backend 'auto' uses 'native' (torch's ops) for {device_type} "
+                          f"tensors because {preferred!r} is unavailable: {reason}", RuntimeWarning,
+                          stacklevel=4)
+    return load("native")
+
+
+def resolve(x):
+    """The backend module that ``group_norm`` uses for x under the backend in effect."""
     name = get_backend()
     if name == "auto":
-        name = _choose_auto(x, weight, bias, residual, activation)
-    return name
-
-
-# ---------------------------------------------------------------------------------------------
-# "native": torch operators, accurate in every layout
-# ---------------------------------------------------------------------------------------------
-
-def _group_shift(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Per-(sample, group) mean of x (float32 or float64), detached, shaped (N, C, 1, ..., 1).
-
-    Why: torch's CPU GroupNorm on channels_last input computes the variance as E[x^2] - E[x]^2,
-    which cancels catastrophically when |mean| >> std (relative error 1e-1 and worse in float32 at
-    mean 1000, std 1). Normalization is invariant to a per-group shift, value and gradient alike, so
-    GN(x) = GN(x - s) for any constant s per group; with s the group mean the shifted values are
-    centred and the cancellation is gone. s is detached, hence autograd sees only the identity
-    x -> x - s, and GN's own gradient is the same at x and at x - s. For values within a factor 2
-    of s the subtraction is exact (Sterbenz), so the shift adds no rounding error of its own.
-    """
-    n, c = x.shape[0], x.shape[1]
-    with torch.no_grad():
-        if x.is_contiguous():
-            mean = x.view(n, num_groups, -1).mean(dim=-1)
-        else:  # channels_last(-like): (N, *spatial, C) is contiguous, group = C/G adjacent channels
-            mean = x.movedim(1, -1).reshape(n, -1, num_groups, c // num_groups).mean(dim=(1, 3))
-        shift = mean.repeat_interleave(c // num_groups, dim=1)
-    return shift.view((n, c) + (1,) * (x.dim() - 2))
-
-
-def native_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
-                      residual=None):
-    """act(GN(x) * weight + bias + residual) with torch ops (unfused); autograd as usual.
-
-    For float32 the statistics are computed on group-mean-shifted input (see ``_group_shift``) so
-    that the result is within ~1e-6 relative of the float64 formula in every memory format, also for
-    inputs whose mean is large compared with their spread. float16 / bfloat16 inputs are computed in
-    float32 and rounded once at the end: torch's reduced-precision CPU backward is far less accurate
-    (e.g. relative error > 1 for groups of two elements in bfloat16).
-    """
-    if x.dtype in (torch.float16, torch.bfloat16):
-        up = [None if t is None else t.float() for t in (x, weight, bias, residual)]
-        return native_group_norm(up[0], num_groups, up[1], up[2], eps, activation,
-                                 up[3]).to(x.dtype)
-    if x.dtype != torch.float64 and x.numel() > 0:
-        x = x - _group_shift(x, num_groups)
-    # the aten op: F.group_norm refuses groups of one element in a batch of one, which are
-    # well defined (x_hat = 0)
-    y = torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
-    if residual is not None:
-        y = y + residual
-    fn = ACTIVATION_FUNCTIONS[activation]
-    return y if fn is None else fn(y)
-
-
-# ---------------------------------------------------------------------------------------------
-# "cpu" / "triton": the custom op of groupnorm.kernels.op
-# ---------------------------------------------------------------------------------------------
-
-_op_module = None
-
-
-def _load_op(name: str):
-    """groupnorm.kernels.op, imported on first use, with a clear error when it cannot be."""
-    global _op_module
-    if _op_module is None:
-        try:
-            _op_module = importlib.import_module("groupnorm.kernels.op")
-        except Exception as exc:  # ImportError, or a kernel library failing at import time
-            raise RuntimeError(f"backend {name!r} unavailable: cannot import groupnorm.kernels.op "
-                               f"({type(exc).__name__}: {exc}); use set_backend('native')") from exc
-    if not hasattr(_op_module, "group_norm"):
-        raise RuntimeError(f"backend {name!r} unavailable: groupnorm.kernels.op has no group_norm")
-    return _op_module
+        return _auto(x.device.type)
+    module = load(name)
+    if name == "cpu" and x.device.type != "cpu":
+        raise BackendUnavailable(f"groupnorm backend 'cpu' needs CPU tensors, got a tensor on {x.device}")
+    if name == "triton" and x.device.type not in _triton_devices():
+        raise BackendUnavailable(f"groupnorm backend 'triton' needs CUDA tensors (CPU ones only under "
+                                 f"TRITON_INTERPRET=1), got a tensor on {x.device}")
+    return module
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, residual=None):
-    """Dispatch act(GN(x) * weight + bias + residual) to the backend in effect.
-
-    Arguments are assumed validated (``groupnorm.functional.group_norm`` does it).
-    """
-    name = resolve_backend(x, weight, bias, residual, activation)
-    if name == "native":
-        return native_group_norm(x, num_groups, weight, bias, eps, activation, residual)
-    if name == "cpu" and x.device.type != "cpu":
-        raise RuntimeError(f"backend 'cpu' needs CPU tensors, got a tensor on {x.device}")
-    op = _load_op(name)
-    return op.group_norm(x, num_groups, weight, bias, eps, activation, residual, impl=name)
+    """Dispatch act(GN(x) * weight + bias + residual) to the backend in effect (arguments already
+    validated by ``groupnorm.functional.group_norm``)."""
+    return resolve(x).group_norm(x, num_groups, weight, bias, eps, activation, residual)

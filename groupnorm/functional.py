@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, backends
+from ._layout import is_channels_last
 
 __all__ = ["group_norm", "layer_norm", "instance_norm", "batch_norm", "batch_renorm",
            "weight_standardize"]
@@ -61,11 +62,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activatio
     Returns:
         Tensor of input's shape, dtype and memory format.
     """
-    where = "group_norm"
-    _check_common(input, weight, bias, eps, where)
-    num_groups = _checks.resolve_groups(input.shape[1], num_groups, None, where)
-    _checks.check_activation(activation, where)
-    _checks.check_residual(residual, input, where)
+    _checks.check_group_norm(input, num_groups, weight, bias, eps, activation, residual)
     return backends.group_norm(input, num_groups, weight, bias, float(eps), activation, residual)
 
 
@@ -104,18 +101,13 @@ def _check_batch_args(input, running_mean, running_var, weight, bias, momentum, 
                          f"input shape {tuple(input.shape)} with images_per_worker={images_per_worker}")
 
 
-def _channels_last_like(x) -> bool:
-    """True when x is laid out (N, *spatial, C) in memory (channels_last / channels_last_3d)."""
-    return x.dim() > 2 and not x.is_contiguous() and _checks.channels_last_order(x)
-
-
 class _WorkerView:
     """x (N, C, *spatial) seen as k = N / per workers: (k, per, C, S), or (k, per, S, C) when x is
     channels_last (then it is a view, too). Statistics per (worker, channel) reduce ``dims``."""
 
     def __init__(self, x, per):
         self.shape, self.k, self.c = x.shape, x.shape[0] // per, x.shape[1]
-        self.channels_last = _channels_last_like(x)
+        self.channels_last = is_channels_last(x)
         if self.channels_last:
             self.data = x.movedim(1, -1).reshape(self.k, per, -1, self.c)
             self.dims, self.c_dim = (1, 2), 3

@@ -1,9 +1,13 @@
 """Shared test helpers: random inputs in a memory format, dtype-aware comparison, tiny IDX datasets."""
 
 import gzip
+import os
 
 import numpy as np
+import pytest
 import torch
+
+from groupnorm import backends
 
 # absolute tolerance, relative to the largest |reference| value, per dtype
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -56,3 +60,16 @@ def fake_fashion(root, n_train, n_val, seed=0):
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return str(root)
+
+
+def backend_or_skip(name):
+    """Skip the calling test when Group Norm backend ``name`` cannot run here, with the registry's
+    reason, unless the environment requires it (``GROUPNORM_REQUIRE_BACKENDS=cpu,triton``, set by
+    scripts/test.sh): then its absence fails the test instead of hiding it."""
+    reason = backends.available(name)
+    if reason is None:
+        return
+    required = os.environ.get("GROUPNORM_REQUIRE_BACKENDS", "").split(",")
+    if name in required:
+        pytest.fail(f"backend {name!r} is required here (GROUPNORM_REQUIRE_BACKENDS) but: {reason}")
+    pytest.skip(f"backend {name!r} unavailable: {reason}")

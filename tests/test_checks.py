@@ -27,9 +27,10 @@ X = torch.randn(4, 6, 3, 3)
     (lambda: gnn.GroupNorm(2, 6)(torch.tensor(1.0)), ValueError, r"rank 0"),
     (lambda: GF.weight_standardize(torch.randn(5)), ValueError, r"rank 1"),
     # channel count not matching the module
-    (lambda: gnn.GroupNorm(2, 8)(X), ValueError, r"expected 8 channels \(dim 1\), got 6"),
+    (lambda: gnn.GroupNorm(2, 8)(X), ValueError, r"weight must have shape \(6,\) for an input with 6 "
+                                                  r"channels, got \(8,\)"),
     (lambda: gnn.BatchNorm(8)(X), ValueError, r"expected 8 channels \(dim 1\), got 6"),
-    (lambda: gnn.LayerNorm(8)(X), ValueError, r"LayerNorm: expected 8 channels"),
+    (lambda: gnn.LayerNorm(8)(X), ValueError, r"weight must have shape \(6,\)"),
     # weight / bias of the wrong size
     (lambda: GF.group_norm(X, 2, torch.ones(5)), ValueError, r"weight must have shape \(6,\).*got \(5,\)"),
     (lambda: GF.group_norm(X, 2, None, torch.ones(6, 1)), ValueError, r"bias must have shape \(6,\)"),
@@ -38,7 +39,7 @@ X = torch.randn(4, 6, 3, 3)
      r"running_mean must have shape \(6,\), got \(5,\)"),
     # non-floating dtypes
     (lambda: GF.group_norm(torch.ones(2, 4, dtype=torch.int64), 2), TypeError,
-     r"floating-point input, got dtype torch.int64"),
+     r"float64 input, got dtype torch.int64"),
     (lambda: GF.batch_norm(torch.ones(2, 4, dtype=torch.int32)), TypeError, r"torch.int32"),
     (lambda: GF.group_norm([[1.0, 2.0]], 1), TypeError, r"expected a torch.Tensor, got list"),
     # eps <= 0

@@ -55,9 +55,6 @@ class GroupNorm(torch.nn.GroupNorm):
         self.activation = activation
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        where = type(self).__name__
-        _checks.check_input(input, where)
-        _checks.check_channels(input, self.num_channels, where)
         return GF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
                              activation=self.activation, residual=residual)
 
