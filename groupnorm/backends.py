@@ -40,7 +40,11 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why and what to do."""
 
 
-_local = threading.local()  # .stack: the use_backend overrides of this thread, innermost last
+class _ThreadChoice(threading.local):
+    stack: tuple = ()   # the use_backend overrides of this thread, innermost last
+
+
+_local = _ThreadChoice()
 _global_choice = "auto"
 
 
@@ -58,7 +62,7 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The backend in effect for this thread (the innermost ``use_backend``, else ``set_backend``'s)."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     return stack[-1] if stack else _global_choice
 
 
@@ -66,14 +70,12 @@ def get_backend() -> str:
 def use_backend(name: str):
     """Use backend ``name`` inside a ``with`` block on this thread; the previous choice comes back on exit."""
     name = _validate(name)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(name)
+    saved = _local.stack
+    _local.stack = saved + (name,)
     try:
         yield name
     finally:
-        stack.pop()
+        _local.stack = saved
 
 
 if "GROUPNORM_BACKEND" in os.environ:
@@ -120,12 +122,13 @@ def _triton_devices() -> tuple:
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 
 
+_AUTO_PREFERS = {"cpu": "cpu", "cuda": "triton"}
+_auto_modules: dict = {}   # device type -> the module "auto" settled on
+
+
 def _auto(device_type: str):
-    preferred = {"cpu": "cpu", "cuda": "triton"}.get(device_type)
+    preferred = _AUTO_PREFERS.get(device_type)
     if preferred is not None:
-        module = _loaded.get(preferred)
-        if module is not None:
-            return module
         reason = available(preferred)
         if reason is None:
             return _loaded[preferred]
@@ -133,15 +136,20 @@ def _auto(device_type: str):
             _warned.add(preferred)
             warnings.warn(f"groupnorm: backend 'auto' uses 'native' (torch's ops) for {device_type} "
                           f"tensors because {preferred!r} is unavailable: {reason}", RuntimeWarning,
-                          stacklevel=4)
+                          stacklevel=5)
     return load("native")
 
 
 def resolve(x):
     """The backend module that ``group_norm`` uses for x under the backend in effect."""
-    name = get_backend()
+    stack = _local.stack
+    name = stack[-1] if stack else _global_choice
     if name == "auto":
-        return _auto(x.device.type)
+        device_type = "cpu" if x.is_cpu else x.device.type
+        module = _auto_modules.get(device_type)
+        if module is None:
+            module = _auto_modules[device_type] = _auto(device_type)
+        return module
     module = load(name)
     if name == "cpu" and x.device.type != "cpu":
         raise BackendUnavailable(f"groupnorm backend 'cpu' needs CPU tensors, got a tensor on {x.device}")

@@ -77,7 +77,7 @@ def test_use_backend_is_per_thread():
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """A registry that has tried nothing yet (restored afterwards)."""
-    for name in ("_loaded", "_reasons"):
+    for name in ("_loaded", "_reasons", "_auto_modules"):
         monkeypatch.setattr(backends, name, {})
     monkeypatch.setattr(backends, "_warned", set())
     return backends
