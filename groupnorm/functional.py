@@ -85,9 +85,18 @@ def instance_norm(input, weight=None, bias=None, eps=1e-5):
 # Batch Norm with per-worker statistics
 # ---------------------------------------------------------------------------------------------
 
+# Which workers' batch statistics update the running (eval-time) statistics of per-worker BN:
+# "worker0" (the paper's trainer and DDP's default: the master's buffers are the model's) or
+# "average" (the average over the workers, W times less noisy).
+RUNNING_STATS = ("worker0", "average")
+
+
 def _check_batch_args(input, running_mean, running_var, weight, bias, momentum, eps,
-                      images_per_worker, training, where):
+                      images_per_worker, training, where, running_stats="worker0"):
     _check_common(input, weight, bias, eps, where)
+    if running_stats not in RUNNING_STATS:
+        raise ValueError(f"{where}: running_stats must be one of {', '.join(RUNNING_STATS)}, "
+                         f"got {running_stats!r}")
     _checks.check_momentum(momentum, where)
     _checks.check_images_per_worker(images_per_worker, input.shape[0], where)
     channels = input.shape[1]
@@ -170,7 +179,7 @@ def _bn_workers(x, per, weight, bias, eps):
 
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None, training=True,
-               momentum=0.1, eps=1e-5, *, images_per_worker=None):
+               momentum=0.1, eps=1e-5, *, images_per_worker=None, running_stats="worker0"):
     """Batch Normalization, S_i = {k | k_C = i_C} (eq. 3), optionally per worker.
 
     With ``images_per_worker=n`` the batch is split into N / n consecutive chunks of n samples, each
@@ -180,21 +189,26 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     Batch statistics are used when ``training`` is True or a running buffer is None; otherwise
     y = weight * (x - running_mean) / sqrt(running_var + eps) + bias.
 
-    Running statistics (updated in place when training and given):
-        running_mean <- (1 - momentum) * running_mean + momentum * mean_w(mu_w)
-        running_var  <- (1 - momentum) * running_var  + momentum * mean_w(var_w)
-    where mu_w and var_w (unbiased) are worker w's batch statistics. Because the update is linear, this
-    equals every worker keeping its own moving averages (from the same start) and averaging them, which
-    is what averaging the workers' buffers at checkpoint time gives.
+    Running statistics (updated in place when training and given), with mu_w and var_w (unbiased)
+    worker w's batch statistics:
+        running_stats="worker0" (default):
+            running_mean <- (1 - momentum) * running_mean + momentum * mu_0
+            running_var  <- (1 - momentum) * running_var  + momentum * var_0
+        running_stats="average": mean_w(mu_w) and mean_w(var_w) instead of mu_0 and var_0.
+    "worker0" is what unsynchronized data-parallel trainers keep: the paper's (Caffe2) copies the
+    master GPU's statistics to the others, DDP broadcasts rank 0's buffers. "average" equals every
+    worker keeping its own moving averages (the update is linear) and averaging them: W times less
+    noisy eval statistics than the paper's.
 
     Args:
         input: (N, C, *spatial). running_mean, running_var, weight, bias: (C,) or None.
         momentum: in [0, 1]. eps: > 0. images_per_worker: None (one worker) or a divisor of N.
+        running_stats: "worker0" or "average" (only matters with images_per_worker < N).
     """
     where = "batch_norm"
     use_batch_stats = training or running_mean is None or running_var is None
     _check_batch_args(input, running_mean, running_var, weight, bias, momentum, eps,
-                      images_per_worker, use_batch_stats, where)
+                      images_per_worker, use_batch_stats, where, running_stats)
     if not use_batch_stats:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
     if input.shape[0] == 0:  # empty batch: empty output, running statistics untouched
@@ -209,9 +223,14 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
         y, mean, var = _bn_workers(input, images_per_worker or input.shape[0], weight, bias,
                                    float(eps))
     if training:
-        _update_running(running_mean, mean.mean(0), momentum)
-        _update_running(running_var, var.mean(0), momentum)
+        _update_running(running_mean, _from_workers(mean, running_stats), momentum)
+        _update_running(running_var, _from_workers(var, running_stats), momentum)
     return y
+
+
+def _from_workers(stat, running_stats):
+    """The (C,) statistic that updates a running buffer, from the workers' (k, C) ones."""
+    return stat[0] if running_stats == "worker0" else stat.mean(0)
 
 
 def _update_running(buf, value, momentum):
@@ -225,7 +244,8 @@ def _update_running(buf, value, momentum):
 # ---------------------------------------------------------------------------------------------
 
 def batch_renorm(input, running_mean, running_var, weight=None, bias=None, training=True,
-                 momentum=0.1, eps=1e-5, r_max=1.0, d_max=0.0, *, images_per_worker=None):
+                 momentum=0.1, eps=1e-5, r_max=1.0, d_max=0.0, *, images_per_worker=None,
+                 running_stats="worker0"):
     """Batch Renormalization (Ioffe, 2017), optionally per worker.
 
     Training, per worker chunk B with batch mean mu_B and biased variance var_B:
@@ -233,14 +253,15 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
         r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
         d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
         y = weight * ((x - mu_B) / sigma_B * r + d) + bias
-    then (Ioffe's Algorithm 1, averaged over the workers' chunks)
-        mu    <- mu + momentum * (mean_w(mu_B) - mu)
-        sigma <- sigma + momentum * (mean_w(sigma_B) - sigma),  stored as running_var = sigma^2 - eps.
+    then (Ioffe's Algorithm 1) from worker 0's chunk (``running_stats="worker0"``, as for
+    ``batch_norm``) or the average over the chunks (``"average"``):
+        mu    <- mu + momentum * (mu_B - mu)
+        sigma <- sigma + momentum * (sigma_B - sigma),  stored as running_var = sigma^2 - eps.
     With r_max = 1, d_max = 0 this is BN. Eval (``training=False``) is BN with the running statistics.
     """
     where = "batch_renorm"
     _check_batch_args(input, running_mean, running_var, weight, bias, momentum, eps,
-                      images_per_worker, training, where)
+                      images_per_worker, training, where, running_stats)
     if running_mean is None or running_var is None:
         raise ValueError(f"{where}: needs running_mean and running_var (the r, d corrections use them)")
     if not r_max >= 1.0 or not d_max >= 0.0:
@@ -264,8 +285,8 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
     if bias is not None:
         z = z + view.stat(bias.to(acc).expand(view.k, -1))
     with torch.no_grad():
-        new_mu = mu + momentum * (mu_b.mean(0) - mu)
-        new_sigma = sigma + momentum * (sigma_b.detach().mean(0) - sigma)
+        new_mu = mu + momentum * (_from_workers(mu_b, running_stats) - mu)
+        new_sigma = sigma + momentum * (_from_workers(sigma_b.detach(), running_stats) - sigma)
         running_mean.copy_(new_mu.to(running_mean.dtype))
         running_var.copy_((new_sigma * new_sigma - eps).clamp_min(0.0).to(running_var.dtype))
     return view.back(z.to(input.dtype))

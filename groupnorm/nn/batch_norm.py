@@ -87,7 +87,11 @@ class BatchNorm(_BatchNorm):
             None: cumulative average).
         images_per_worker: split each training batch into consecutive chunks of this many samples,
             each normalized with its own statistics, as on unsynchronized workers (the paper's
-            "batch size per GPU"); running stats average the chunks (``functional.batch_norm``).
+            "batch size per GPU").
+        running_stats: which chunks update the running statistics (``functional.batch_norm``):
+            "worker0" (the first chunk's, as the paper's trainer and DDP keep the master's) or
+            "average" (the average over the chunks). An attribute, so a trainer may set it on a
+            built model.
         sync: in training, compute the statistics over all processes of ``process_group`` (default:
             the world) through torch.distributed. Without an initialized process group of more than
             one process it is ordinary BN. On CUDA it reuses ``torch.nn.SyncBatchNorm``'s function.
@@ -97,12 +101,15 @@ class BatchNorm(_BatchNorm):
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, bias: bool = True, images_per_worker: int | None = None, sync: bool = False,
-                 process_group=None):
+                 process_group=None, running_stats: str = "worker0"):
         where = type(self).__name__
         _checks.check_num_channels(num_channels, where)
         _checks.check_eps(eps, where)
         _checks.check_momentum(momentum, where, allow_none=True)
         _checks.check_images_per_worker(images_per_worker, None, where)
+        if running_stats not in GF.RUNNING_STATS:
+            raise ValueError(f"{where}: running_stats must be one of {', '.join(GF.RUNNING_STATS)}, "
+                             f"got {running_stats!r}")
         if sync and images_per_worker is not None:
             raise ValueError(f"{where}: sync=True synchronizes all workers, so images_per_worker must "
                              f"be None, got {images_per_worker}")
@@ -110,6 +117,7 @@ class BatchNorm(_BatchNorm):
         super().__init__(num_channels, eps, momentum, affine, track_running_stats, device=device,
                          dtype=dtype, **extra)
         self.images_per_worker = images_per_worker
+        self.running_stats = running_stats
         self.sync = sync
         self.process_group = process_group
 
@@ -160,13 +168,14 @@ class BatchNorm(_BatchNorm):
                                    factor, self.eps, group)
         return GF.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                              self.training, factor, self.eps,
-                             images_per_worker=self.images_per_worker if self.training else None)
+                             images_per_worker=self.images_per_worker if self.training else None,
+                             running_stats=self.running_stats)
 
     def extra_repr(self) -> str:
         text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}")
         if self.images_per_worker is not None:
-            text += f", images_per_worker={self.images_per_worker}"
+            text += f", images_per_worker={self.images_per_worker}, running_stats={self.running_stats}"
         if self.sync:
             text += ", sync=True"
         return text
@@ -195,13 +204,14 @@ class BatchRenorm(BatchNorm):
         r_max (>= 1), d_max (>= 0): final clipping limits.
         warmup_iters: steps of the linear relaxation (0: final limits at once).
         hold_iters: plain-BN steps before the relaxation starts.
-        images_per_worker: per-worker statistics, as for BatchNorm.
+        images_per_worker, running_stats: per-worker statistics, as for BatchNorm.
     """
 
     def __init__(self, num_channels: int, *, r_max: float = 1.5, d_max: float = 0.5,
                  warmup_iters: int = 5000, hold_iters: int = 0,
-                 images_per_worker: int | None = None, eps: float = 1e-5, momentum: float = 0.1,
-                 affine: bool = True, bias: bool = True, device=None, dtype=None):
+                 images_per_worker: int | None = None, running_stats: str = "worker0",
+                 eps: float = 1e-5, momentum: float = 0.1, affine: bool = True, bias: bool = True,
+                 device=None, dtype=None):
         where = type(self).__name__
         _checks.check_momentum(momentum, where)
         if not r_max >= 1.0 or not d_max >= 0.0:
@@ -211,7 +221,8 @@ class BatchRenorm(BatchNorm):
             raise ValueError(f"{where}: warmup_iters and hold_iters must be >= 0, got "
                              f"{warmup_iters}, {hold_iters}")
         super().__init__(num_channels, eps, momentum, affine, True, device=device, dtype=dtype,
-                         bias=bias, images_per_worker=images_per_worker)
+                         bias=bias, images_per_worker=images_per_worker,
+                         running_stats=running_stats)
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_iters = int(warmup_iters)
@@ -234,7 +245,8 @@ class BatchRenorm(BatchNorm):
         self.num_batches_tracked.add_(1)
         return GF.batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                True, self.momentum, self.eps, r_max, d_max,
-                               images_per_worker=self.images_per_worker)
+                               images_per_worker=self.images_per_worker,
+                               running_stats=self.running_stats)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "

@@ -25,6 +25,7 @@ import yaml
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
 LAUNCHERS = ("simulated", "torchrun")
+RUNNING_STATS = ("worker0", "average")   # groupnorm.functional.RUNNING_STATS
 BACKENDS = ("auto", "native", "cpu", "triton")
 
 
@@ -73,6 +74,11 @@ class Config:
     launcher: str = _f("simulated", "simulated: all W workers in one process (BN per chunk of N); "
                                     "torchrun: W processes with DistributedDataParallel", LAUNCHERS)
     sync_bn: bool = _f(False, "synchronize BN statistics across workers (BN over the whole W*N batch)")
+    bn_running_stats: str = _f("worker0", "where BN's running (eval-time) statistics come from when not "
+                                          "synchronized: worker0 (worker / rank 0's, broadcast to the "
+                                          "others, as the paper's trainer and DDP do) or average (the "
+                                          "average over the workers: W times less noisy; changes results)",
+                               RUNNING_STATS)
     # recipe
     epochs: int = _f(10, "number of epochs (the paper: 100 on ImageNet)")
     base_lr: float = _f(0.1, "learning rate for 32 images per worker; lr = base_lr * images_per_worker / 32")

@@ -134,17 +134,18 @@ class TensorData:
         g = epoch_generator(seed, epoch)
         perm = torch.randperm(len(self), generator=g)
         steps, per = self.steps(global_batch), global_batch // world
-        shape = (steps, global_batch)
-        # Drawn for the whole global batch, so every rank sees the images simulated workers would.
+        # Drawn for every position of the epoch's order, whatever the batch: every rank sees the images
+        # simulated workers would, and runs of one seed get the same crops and flips at any batch size.
+        shape = (len(self),)
         dy = torch.randint(0, 2 * self.pad + 1, shape, generator=g)
         dx = torch.randint(0, 2 * self.pad + 1, shape, generator=g)
         flip = torch.rand(shape, generator=g) < 0.5
-        part = slice(rank * per, (rank + 1) * per)
         for s in range(steps):
-            idx = perm[s * global_batch:(s + 1) * global_batch][part].to(self.labels.device)
+            part = slice(s * global_batch + rank * per, s * global_batch + (rank + 1) * per)
+            idx = perm[part].to(self.labels.device)
             images = self.images[idx]
             if augment:
-                images = crop_flip(images, self.pad, dy[s, part], dx[s, part], flip[s, part])
+                images = crop_flip(images, self.pad, dy[part], dx[part], flip[part])
             yield self.normalize(images), self.labels[idx]
 
     def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):

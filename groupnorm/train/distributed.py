@@ -8,11 +8,17 @@ torchrun   W processes (started by ``torchrun --nproc_per_node W`` or, when ``ru
            [r*N, (r+1)*N) of the same global batch; gloo on CPU, NCCL on GPU; BN uses each rank's own
            images (unsynchronized, as in the paper) unless sync_bn.
 
-Running BN statistics: in both launchers the eval-time running mean/var are the *average over the
-workers* of what each worker's BN would keep (the simulated BN averages its chunks' statistics; under
-torchrun ``average_buffers`` all-reduces the floating-point buffers after every step, with DDP's own
-rank-0 broadcast turned off). Batch Renorm, which reads the running statistics during training,
-thereby sees the same values in both launchers.
+Running BN statistics (``Config.bn_running_stats``), the same in both launchers:
+  worker0  (default, the paper's) worker / rank 0's: the simulated BN updates them from its first
+           chunk; under torchrun ``broadcast_buffers`` copies rank 0's floating-point buffers to the
+           others after every step -- what DDP's default buffer broadcast does before each forward,
+           and what the paper's Caffe2 trainer does by copying the master GPU's statistics.
+  average  the average over the workers of what each one's BN would keep (the simulated BN
+           averages its chunks' statistics; ``average_buffers`` all-reduces under torchrun).
+DDP's own broadcast is turned off (``wrap_ddp``) so that one rule serves both choices; doing it after
+the step rather than before the next forward also leaves every rank with rank 0's buffers for the
+evaluation. Batch Renorm, which reads the running statistics during training, sees the same values
+in both launchers.
 """
 from __future__ import annotations
 
@@ -124,9 +130,33 @@ def average_buffers(module: torch.nn.Module, ctx: Context) -> None:
         offset += b.numel()
 
 
+def broadcast_buffers(module: torch.nn.Module, ctx: Context) -> None:
+    """Copy rank 0's floating-point buffers (BN running mean/var) to every rank."""
+    if not ctx.distributed:
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+    dist.broadcast(flat, src=0)
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+def sync_buffers(module: torch.nn.Module, ctx: Context, running_stats: str) -> None:
+    """After a step, make every rank's BN buffers the run's: rank 0's ("worker0") or their average
+    ("average"). Nothing to do in one process (the simulated BN chose already)."""
+    if running_stats == "worker0":
+        broadcast_buffers(module, ctx)
+    else:
+        average_buffers(module, ctx)
+
+
 def wrap_ddp(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
-    """DistributedDataParallel without the per-forward broadcast of rank 0's buffers (they are averaged
-    after each step by ``average_buffers`` instead)."""
+    """DistributedDataParallel without the per-forward broadcast of rank 0's buffers (``sync_buffers``
+    does it, or averages them, after each step instead)."""
     import inspect
     from torch.nn.parallel import DistributedDataParallel as DDP
     # torch >= 2.14 names the switch forward_sync_buffers; older versions broadcast_buffers.

@@ -66,8 +66,12 @@ def norm_spec(cfg: Config, ctx: D.Context) -> str:
 
 def build(cfg: Config, num_classes: int, in_channels: int, ctx: D.Context) -> torch.nn.Module:
     from groupnorm.models import build_model
+    from groupnorm.nn import BatchNorm
     model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels, norm=norm_spec(cfg, ctx),
                         ws=cfg.ws, zero_init_residual=cfg.zero_init_residual, **cfg.model_args)
+    for m in model.modules():   # which simulated workers' statistics the running ones follow
+        if isinstance(m, BatchNorm):
+            m.running_stats = cfg.bn_running_stats
     return model.to(ctx.device)
 
 
@@ -122,7 +126,7 @@ def train_epoch(cfg, ctx, model, optimizer, data, epoch, probe=None, bar=None) -
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        D.average_buffers(model, ctx)
+        D.sync_buffers(model, ctx, cfg.bn_running_stats)
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) != y).sum().double(),
                                  torch.tensor(float(len(y)), dtype=torch.float64, device=ctx.device)])
@@ -241,6 +245,8 @@ def _run(cfg: Config, ctx: D.Context) -> dict:
         writer.close()
     result = summarize(cfg, history)
     if ctx.is_main:
+        from .diagnostics import diagnose   # BN's eval-statistics diagnostics, with frozen weights
+        result["diagnostics"] = diagnose(model, train, val, cfg, ctx.device)
         atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     return result
 

@@ -51,8 +51,10 @@ def test_batch_norm_vs_torch_and_reference(rank, fmt, dtype):
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-def test_per_worker_module_is_bn_on_each_chunk(fmt):
-    ours = randomize(gnn.BatchNorm(4, images_per_worker=2), 10).double()
+@pytest.mark.parametrize("running_stats", ["worker0", "average", None])
+def test_per_worker_module_is_bn_on_each_chunk(fmt, running_stats):
+    extra = {} if running_stats is None else {"running_stats": running_stats}
+    ours = randomize(gnn.BatchNorm(4, images_per_worker=2, **extra), 10).double()
     workers = [torch.nn.BatchNorm2d(4).double() for _ in range(3)]
     for w in workers:
         w.load_state_dict(ours.state_dict())
@@ -61,11 +63,26 @@ def test_per_worker_module_is_bn_on_each_chunk(fmt):
         y = ours(x)
         expected = torch.cat([w(x[2 * i:2 * i + 2]) for i, w in enumerate(workers)])
         torch.testing.assert_close(y, expected)
-    # the running statistics are the average of the workers' own
-    torch.testing.assert_close(ours.running_mean, torch.stack([w.running_mean for w in workers]).mean(0))
-    torch.testing.assert_close(ours.running_var, torch.stack([w.running_var for w in workers]).mean(0))
+    if running_stats == "average":  # the average of the workers' own running statistics
+        torch.testing.assert_close(ours.running_mean, torch.stack([w.running_mean for w in workers]).mean(0))
+        torch.testing.assert_close(ours.running_var, torch.stack([w.running_var for w in workers]).mean(0))
+    else:   # the default: worker 0's own, exactly as a worker that kept only its chunks' statistics
+        torch.testing.assert_close(ours.running_mean, workers[0].running_mean)
+        torch.testing.assert_close(ours.running_var, workers[0].running_var)
+        assert not torch.allclose(ours.running_mean, workers[1].running_mean)
     ours.eval()   # eval ignores images_per_worker: any batch size
     assert ours(rand((5, 4, 3, 3), seed=13)).shape == (5, 4, 3, 3)
+
+
+def test_running_stats_choice_is_checked():
+    with pytest.raises(ValueError, match="running_stats must be one of worker0, average, got 'mean'"):
+        gnn.BatchNorm(4, images_per_worker=2, running_stats="mean")
+    with pytest.raises(ValueError, match="running_stats must be one of"):
+        gnn.BatchRenorm(4, images_per_worker=2, running_stats="rank0")
+    bn = gnn.BatchNorm(4, images_per_worker=2)
+    bn.running_stats = "all"   # set after construction (as a trainer may): checked at the call
+    with pytest.raises(ValueError, match="running_stats must be one of"):
+        bn(rand((4, 4, 3, 3), seed=1))
 
 
 def test_momentum_none_and_untracked_stats_follow_torch():
@@ -187,12 +204,13 @@ def test_renorm_with_unit_limits_is_bn():
     torch.testing.assert_close(brn.running_mean, bn.running_mean)
 
 
-@pytest.mark.parametrize("per", [None, 2])
+@pytest.mark.parametrize("per, running_stats", [(None, "worker0"), (2, "worker0"), (2, "average")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_renorm_formula_and_stop_gradient(per, dtype):
-    """y = gamma * (x_hat_B * r + d) + beta, with r and d constants for the gradient (Ioffe 2017)."""
+def test_renorm_formula_and_stop_gradient(per, running_stats, dtype):
+    """y = gamma * (x_hat_B * r + d) + beta, with r and d constants for the gradient (Ioffe 2017);
+    the running statistics follow worker 0's chunk or the chunks' average."""
     m = randomize(gnn.BatchRenorm(4, momentum=0.2, warmup_iters=0, r_max=1.5, d_max=0.5,
-                                  images_per_worker=per), 43).to(dtype)
+                                  images_per_worker=per, running_stats=running_stats), 43).to(dtype)
     with torch.no_grad():
         m.running_mean.copy_(torch.tensor([0.4, 0.9, 0.2, 2.0]))
         m.running_var.copy_(torch.tensor([1.0, 3.0, 0.4, 1.5]))
@@ -224,8 +242,9 @@ def test_renorm_formula_and_stop_gradient(per, dtype):
         mus.append(mu_b)
         sigmas.append(sigma_b)
     assert ((r > 1 / 1.5) & (r < 1.5)).any() and (np.abs(d) < 0.5).any()   # not all clipped
-    new_sigma = sigma + 0.2 * (np.mean(sigmas, 0) - sigma)
-    assert_close(m.running_mean, rm0 + 0.2 * (np.mean(mus, 0) - rm0), dtype, "running_mean")
+    pick = (lambda v: v[0]) if running_stats == "worker0" else (lambda v: np.mean(v, 0))
+    new_sigma = sigma + 0.2 * (pick(sigmas) - sigma)
+    assert_close(m.running_mean, rm0 + 0.2 * (pick(mus) - rm0), dtype, "running_mean")
     assert_close(m.running_var, new_sigma ** 2 - m.eps, dtype, "running_var")
     m.eval()   # eval: BN with the running statistics
     cv = (1, -1, 1, 1)
