@@ -13,6 +13,7 @@ shape, dtype and memory format. With m the size of the set S_i (eqs. 1, 2):
 * ``batch_norm``: S_i = channel i_C over (N, spatial), or over each worker's chunk of
   ``images_per_worker`` consecutive samples.
 * ``batch_renorm``: Ioffe (2017), BN corrected towards the running statistics by r and d.
+* ``sync_batch_norm``: BN over the union of the batches of all processes of a torch.distributed group.
 * ``weight_standardize``: Qiao et al. (2019), each output filter of a weight to zero mean, unit var.
 
 Group Norm goes through the backend registry (``groupnorm.set_backend``); the others are torch ops.
@@ -21,13 +22,14 @@ Group Norm goes through the backend registry (``groupnorm.set_backend``); the ot
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _checks, backends
 from ._layout import is_channels_last
 
 __all__ = ["group_norm", "layer_norm", "instance_norm", "batch_norm", "batch_renorm",
-           "weight_standardize"]
+           "sync_batch_norm", "weight_standardize"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -290,6 +292,70 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
         running_mean.copy_(new_mu.to(running_mean.dtype))
         running_var.copy_((new_sigma * new_sigma - eps).clamp_min(0.0).to(running_var.dtype))
     return view.back(z.to(input.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synchronized Batch Norm (torch.distributed)
+# ---------------------------------------------------------------------------------------------
+
+def _channel_view(v, x):
+    return v.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``group``, differentiable: the gradient of a sum is the sum of the
+    gradients, so the backward all-reduces too. Synchronous (no work left pending in the backend's
+    threads), unlike the deprecated ``torch.distributed.nn.functional.all_reduce``."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def _all_reduce(t, group=None):
+    return _AllReduceSum.apply(t, group)
+
+
+def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, group):
+    """BN whose statistics are over the union of the batches of all processes in ``group``.
+
+    Differentiable: the two all-reduces (sums, then squared deviations: two-pass, no cancellation)
+    go through ``_all_reduce``, whose backward all-reduces the gradients, so each process gets the
+    gradient of the sum of all processes' losses, exactly as for BN over the whole batch. Ranks may
+    hold different batch sizes (even 0).
+    """
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xa = x.to(acc)
+    channels = x.shape[1]
+    dims = [0] + list(range(2, x.dim()))
+    count = x.numel() // channels if channels else 0
+    packed = torch.cat([xa.sum(dim=dims), xa.new_full((1,), float(count))])
+    total = _all_reduce(packed, group=group)
+    n_total = total[channels]
+    if n_total.item() <= 1:
+        raise ValueError(f"BatchNorm(sync=True): training needs more than 1 value per channel over "
+                         f"all processes, got {int(n_total.item())}")
+    mean = total[:channels] / n_total
+    centred = xa - _channel_view(mean, xa)
+    var = _all_reduce((centred * centred).sum(dim=dims), group=group) / n_total
+    y = centred * _channel_view(torch.rsqrt(var + eps), xa)
+    if weight is not None:
+        y = y * _channel_view(weight.to(acc), xa)
+    if bias is not None:
+        y = y + _channel_view(bias.to(acc), xa)
+    with torch.no_grad():
+        unbiased = var * (n_total / (n_total - 1))
+        for buf, value in ((running_mean, mean), (running_var, unbiased)):
+            if buf is not None:
+                buf.mul_(1.0 - momentum).add_(value.detach().to(buf.dtype), alpha=momentum)
+    return y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

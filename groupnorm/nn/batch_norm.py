@@ -9,67 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _checks
 from .. import functional as GF
 
-__all__ = ["BatchNorm", "BatchRenorm", "sync_batch_norm"]
-
-
-def _channel_view(v, x):
-    return v.view((1, -1) + (1,) * (x.dim() - 2))
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the processes of ``group``, differentiable: the gradient of a sum is the sum of the
-    gradients, so the backward all-reduces too. Synchronous (no work left pending in the backend's
-    threads), unlike the deprecated ``torch.distributed.nn.functional.all_reduce``."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        out = t.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _AllReduceSum.apply(grad, ctx.group), None
-
-
-def all_reduce(t, group=None):
-    return _AllReduceSum.apply(t, group)
-
-
-def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, group):
-    """BN whose statistics are over the union of the batches of all processes in ``group``.
-
-    Differentiable: the two all-reduces (sums, then squared deviations: two-pass, no cancellation)
-    go through ``all_reduce``, whose backward all-reduces the gradients, so each process gets the
-    gradient of the sum of all processes' losses, exactly as for BN over the whole batch. Ranks may
-    hold different batch sizes (even 0).
-    """
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    xa = x.to(acc)
-    channels = x.shape[1]
-    dims = [0] + list(range(2, x.dim()))
-    count = x.numel() // channels if channels else 0
-    packed = torch.cat([xa.sum(dim=dims), xa.new_full((1,), float(count))])
-    total = all_reduce(packed, group=group)
-    n_total = total[channels]
-    if n_total.item() <= 1:
-        raise ValueError(f"BatchNorm(sync=True): training needs more than 1 value per channel over "
-                         f"all processes, got {int(n_total.item())}")
-    mean = total[:channels] / n_total
-    centred = xa - _channel_view(mean, xa)
-    var = all_reduce((centred * centred).sum(dim=dims), group=group) / n_total
-    y = centred * _channel_view(torch.rsqrt(var + eps), xa)
-    if weight is not None:
-        y = y * _channel_view(weight.to(acc), xa)
-    if bias is not None:
-        y = y + _channel_view(bias.to(acc), xa)
-    with torch.no_grad():
-        unbiased = var * (n_total / (n_total - 1))
-        for buf, value in ((running_mean, mean), (running_var, unbiased)):
-            if buf is not None:
-                buf.mul_(1.0 - momentum).add_(value.detach().to(buf.dtype), alpha=momentum)
-    return y.to(x.dtype)
+__all__ = ["BatchNorm", "BatchRenorm"]
 
 
 class BatchNorm(_BatchNorm):
@@ -164,7 +104,7 @@ class BatchNorm(_BatchNorm):
                 from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBN
                 return _TorchSyncBN.apply(input, self.weight, self.bias, running_mean, running_var,
                                           self.eps, factor, group, world_size)
-            return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+            return GF.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                    factor, self.eps, group)
         return GF.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                              self.training, factor, self.eps,
