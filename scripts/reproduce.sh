@@ -4,7 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-$PWD/.numba_cache}
 out=${1:-results/batch-quick}
 .venv/bin/groupnorm study batch --preset quick --out "$out"
 .venv/bin/groupnorm report "$out"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Makes .venv with everything the project needs, on a fresh machine.
-#   scripts/setup.sh            torch 2.13.0 (CPU build from local disk) + numba, matplotlib (what the studies need)
+#   scripts/setup.sh            torch 2.13.0 (CPU build from local disk) + matplotlib (what the studies need)
 #   scripts/setup.sh vision     torch 2.14.1 + torchvision 0.29.1 (the ~5 GB build on local disk), triton, test tools
+# Both then build the C++ CPU op against the torch installed (python -m groupnorm.kernels.build: into
+# groupnorm/kernels/_build/torch-<version>/, skipped when up to date, so one .venv may switch flavours).
 # Also installs the Debian package with the default dataset (Fashion-MNIST) when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,3 +28,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     fi
     touch "$stamp"
 fi
+
+# The C++ CPU op (the "cpu" backend). torch.utils.cpp_extension needs setuptools and ninja. A failed
+# build does not fail setup: the package then runs on the "native" backend, and says so once.
+.venv/bin/python -c "import setuptools, ninja" 2>/dev/null || $PIP install -q setuptools ninja
+.venv/bin/python -m groupnorm.kernels.build || echo "setup.sh: warning: the C++ CPU op was not built" \
+    "(see the line above); Group Norm on the CPU falls back to the 'native' backend" >&2

@@ -1,0 +1,1348 @@
+// Group Normalization on the CPU (Wu & He 2018), fused with the per-channel affine, an optional
+// residual add and an optional activation, as the torch op library `groupnorm_cpu`:
+//
+//   forward(x, weight?, bias?, residual?, num_groups, eps, activation) -> (y, mean, rstd)
+//   backward(grad_y, x, weight?, bias?, residual?, mean, rstd, num_groups, activation, needs[4])
+//       -> (dx, dweight, dbias, dresidual)          (0-element tensors where not needed)
+//   group_norm(x, weight?, bias?, residual?, num_groups, eps, activation) -> y
+//       (differentiable: its Autograd kernel is the C++ autograd::Function at the end of this file)
+//
+// Math, per sample n and group g (D = C/G channels x S positions, cnt = D*S elements):
+//
+//   mu = mean(x),  var = mean((x - mu)^2),  rstd = 1/sqrt(var + eps),  x_hat = (x - mu) * rstd
+//   z = gamma_c * x_hat + beta_c (+ residual),  y = act(z),  act in {none, relu, silu, gelu (erf)}
+//
+//   backward, dz = dy * act'(z) (z recomputed from x):
+//   dresidual = dz,  dbeta_c = sum_{n,s} dz,  dgamma_c = sum_{n,s} dz * x_hat,
+//   dx = rstd * (gamma_c dz - mean_g(gamma dz) - x_hat * mean_g(gamma dz x_hat))
+//
+// Accuracy for ANY mean (the reason this op exists; torch's own kernel loses everything when
+// |mean| >> std):
+// * Statistics are sums of x - sh, where sh is an element of the group (its first one), computed
+//   and accumulated in double: x - sh is exact (Sterbenz, or exact in double anyway for float
+//   inputs), so nothing cancels in sum((x - sh)^2) even at mean 1e6, std 0.1 in float32.
+// * The mean is split as mu = hi + lo with hi = mu rounded to the compute type. Elementwise code
+//   computes (x - hi), exact when |mean| >> std (x and hi within a factor 2), and folds lo into
+//   the per-channel constant: z = (x - hi) * (gamma rstd) + (beta - gamma rstd lo).
+// * The backward gets the rounded mean (hi) back, and re-derives lo from sum(x - hi) in the same
+//   pass that sums dz and dz*(x - hi): dx = k1_c dz + k2 (x - hi) + k3. Only with an activation
+//   AND |mean| * rstd large enough for the rounding of the mean to show in z (> ~4 in float32)
+//   does it read x once more first, to get lo before it evaluates act'(z).
+//
+// Layouts: "cf" = contiguous (N, C, *spatial): a group is one contiguous run of D*S elements.
+// "cl" = x's (N, *spatial, C) permutation is dense (channels_last, channels_last_3d, (N, L, C)
+// storage of an (N, C, L) tensor); also used for a contiguous input with S == 1 ((N, C), (N, C,
+// 1, 1)), whose memory is the same, so that the vector loop runs along C. Outputs follow x: cl-like
+// iff x is (and not contiguous); any other stride pattern is copied to contiguous first.
+//
+// Work split (shape-only, so the summation order, and the bits, never depend on the thread count):
+// a "unit" is what one set of statistics covers: a group (n, g) in cf, a sample n in cl. A unit
+// that is small enough to stay in L2 between its two passes, when there are enough of them, is one
+// task (sums, coefficients, output: one read of memory). Otherwise each unit is cut into chunks
+// (cf: runs of ~32K elements; cl: blocks of rows), and blocks of units of a few MB run three
+// steps: parallel partial sums per chunk, a merge in chunk order, a parallel output pass (whose
+// second read then comes from the L3 cache). Batch 1 and 2 thus use every core. Sums are in a
+// fixed order (lanes, then chunks, then channels); no atomics.
+//
+// Threads: at::parallel_for (torch's own pool), with a grain of >= 32K elements per thread, so that
+// small inputs run inline on the calling thread without waking anyone.
+//
+// Dtypes: float32 and float64 natively; bfloat16/float16 are loaded and computed in float32 inside
+// the kernels (no conversion pass), weight/bias in x's dtype or float32. mean/rstd: float32
+// (float64 for float64 x). Parameter gradients in the parameters' dtype.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/SymInt.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace groupnorm_cpu {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+using fVec = Vectorized<float>;
+using dVec = Vectorized<double>;
+using std::optional;
+
+// Tuning constants (elements / bytes). All work splits depend on them and on the shape only.
+constexpr int64_t kMinPerThread = 32768;     // least work that pays for waking a thread
+constexpr int64_t kChunk = 32768;            // target chunk of a unit cut for the 2-step path
+constexpr int64_t kFusedBytes = 1 << 20;     // a unit this small stays in L2 between its passes
+constexpr int64_t kFusedUnits = 8;           // ... and is one task when there are this many units
+constexpr int64_t kBlockBytes = 8 << 20;     // units per 2-step block: stays in L3 between steps
+
+// ---------------------------------------------------------------------------------------------
+// Vector helpers. op_t is the compute type: double for double, float for everything else.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T> struct OpType { using type = float; };
+template <> struct OpType<double> { using type = double; };
+template <typename T> using op_t = typename OpType<T>::type;
+
+inline fVec vload(const float* p) { return fVec::loadu(p); }
+inline dVec vload(const double* p) { return dVec::loadu(p); }
+inline fVec vload(const at::BFloat16* p) { fVec v; at::vec::load_to_float(p, v); return v; }
+inline fVec vload(const at::Half* p) { fVec v; at::vec::load_to_float(p, v); return v; }
+inline void vstore(float* p, const fVec& v) { v.store(p); }
+inline void vstore(double* p, const dVec& v) { v.store(p); }
+inline void vstore(at::BFloat16* p, const fVec& v) {
+  at::vec::convert_from_float<at::BFloat16>(v, v).store(p, fVec::size());
+}
+inline void vstore(at::Half* p, const fVec& v) {
+  at::vec::convert_from_float<at::Half>(v, v).store(p, fVec::size());
+}
+
+// float lanes -> two double vectors (low half, high half). fVec always has 2x dVec's lanes.
+inline void widen(const fVec& v, dVec& lo, dVec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 x = v;
+  lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+  hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 x = v;
+  lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+  hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+#else
+  float f[fVec::size()];
+  double d[fVec::size()];
+  v.store(f);
+  for (int i = 0; i < fVec::size(); ++i) d[i] = f[i];
+  lo = dVec::loadu(d);
+  hi = dVec::loadu(d + dVec::size());
+#endif
+}
+
+// Lanes summed in index order: the same bits on every run.
+inline double hsum(const dVec& v) {
+  double d[dVec::size()];
+  v.store(d);
+  double s = 0;
+  for (int i = 0; i < dVec::size(); ++i) s += d[i];
+  return s;
+}
+
+// A double accumulator fed with compute-type vectors (float vectors are widened).
+struct Acc {
+  dVec a = dVec(0.0), b = dVec(0.0);
+  inline void add(const fVec& v) { dVec l, h; widen(v, l, h); a = a + l; b = b + h; }
+  inline void add(const dVec& v) { a = a + v; }
+  inline double sum() const { return hsum(a + b); }
+};
+
+// Elementwise math written once for scalars and vectors.
+inline float vexp(float v) { return std::exp(v); }
+inline double vexp(double v) { return std::exp(v); }
+template <typename V> inline V vexp(const V& v) { return v.exp(); }
+inline float verf(float v) { return std::erf(v); }
+inline double verf(double v) { return std::erf(v); }
+template <typename V> inline V verf(const V& v) { return v.erf(); }
+inline float vrelu(float v) { return v < 0 ? 0.0f : v; }  // NaN stays NaN, as in torch
+inline double vrelu(double v) { return v < 0 ? 0.0 : v; }
+template <typename V> inline V vrelu(const V& v) { return at::vec::clamp_min(v, V(0)); }
+// where(z > 0, v, 0)
+inline float vpos(float z, float v) { return z > 0 ? v : 0.0f; }
+inline double vpos(double z, double v) { return z > 0 ? v : 0.0; }
+template <typename V> inline V vpos(const V& z, const V& v) { return V::blendv(V(0), v, z > V(0)); }
+inline float vfma(float a, float b, float c) { return a * b + c; }
+inline double vfma(double a, double b, double c) { return a * b + c; }
+template <typename V> inline V vfma(const V& a, const V& b, const V& c) {
+  return at::vec::fmadd(a, b, c);
+}
+
+// Activation codes: 0 none, 1 relu, 2 silu, 3 gelu (exact erf form); see groupnorm/_checks.py.
+template <int ACT, typename V> inline V act_fwd(const V& z) {
+  if constexpr (ACT == 0) {
+    return z;
+  } else if constexpr (ACT == 1) {
+    return vrelu(z);
+  } else if constexpr (ACT == 2) {
+    return z / (V(1) + vexp(V(0) - z));                   // z * sigmoid(z)
+  } else {
+    return z * V(0.5) * (V(1) + verf(z * V(M_SQRT1_2)));  // z * Phi(z)
+  }
+}
+
+// dy * act'(z)
+template <int ACT, typename V> inline V act_bwd(const V& z, const V& dy) {
+  if constexpr (ACT == 0) {
+    return dy;
+  } else if constexpr (ACT == 1) {
+    return vpos(z, dy);
+  } else if constexpr (ACT == 2) {
+    V s = V(1) / (V(1) + vexp(V(0) - z));                 // silu' = s (1 + z (1 - s))
+    return dy * s * (V(1) + z * (V(1) - s));
+  } else {
+    V cdf = V(0.5) * (V(1) + verf(z * V(M_SQRT1_2)));      // gelu' = Phi(z) + z phi(z)
+    V pdf = vexp(z * z * V(-0.5)) * V(0.3989422804014327);
+    return dy * (cdf + z * pdf);
+  }
+}
+
+inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs f(begin, end) over [0, n) tasks of `work` elements each, in torch's thread pool, with at
+// least kMinPerThread elements per thread (inline on the caller for small inputs).
+template <typename F> void run_tasks(int64_t n, int64_t work, const F& f) {
+  if (n <= 0) return;
+  int64_t grain = std::max<int64_t>(1, divup(kMinPerThread, std::max<int64_t>(work, 1)));
+  if (n <= grain) {
+    f(0, n);
+    return;
+  }
+  at::parallel_for(0, n, grain, f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inner loops over contiguous runs (cf) and rows (cl).
+// ---------------------------------------------------------------------------------------------
+
+// s += sum(x - sh), q += sum((x - sh)^2), in double, over x[0, len).
+template <typename T>
+void sums_run(const T* x, int64_t len, double sh, double& s, double& q) {
+  using O = op_t<T>;
+  constexpr int64_t K = Vectorized<O>::size();
+  const dVec vsh(sh);
+  dVec s0(0.0), s1(0.0), q0(0.0), q1(0.0);
+  int64_t i = 0;
+  for (; i + K <= len; i += K) {
+    if constexpr (std::is_same_v<O, float>) {
+      dVec l, h;
+      widen(vload(x + i), l, h);
+      l = l - vsh;
+      h = h - vsh;
+      s0 = s0 + l;
+      s1 = s1 + h;
+      q0 = at::vec::fmadd(l, l, q0);
+      q1 = at::vec::fmadd(h, h, q1);
+    } else {
+      dVec d = vload(x + i) - vsh;
+      s0 = s0 + d;
+      q0 = at::vec::fmadd(d, d, q0);
+    }
+  }
+  double ss = hsum(s0 + s1), qq = hsum(q0 + q1);
+  for (; i < len; ++i) {
+    double d = static_cast<double>(static_cast<O>(x[i])) - sh;
+    ss += d;
+    qq += d * d;
+  }
+  s += ss;
+  q += qq;
+}
+
+// cl: per-channel s[c] += sum_rows (x - sh[c]), q[c] += sum_rows (x - sh[c])^2 over `rows` rows of C.
+template <typename T>
+void sums_rows(const T* x, int64_t rows, int64_t C, const double* sh, double* s, double* q) {
+  using O = op_t<T>;
+  constexpr int64_t K = Vectorized<O>::size();
+  constexpr int64_t KD = dVec::size();
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* p = x + row * C;
+    int64_t c = 0;
+    for (; c + K <= C; c += K) {
+      if constexpr (std::is_same_v<O, float>) {
+        dVec l, h;
+        widen(vload(p + c), l, h);
+        l = l - dVec::loadu(sh + c);
+        h = h - dVec::loadu(sh + c + KD);
+        (dVec::loadu(s + c) + l).store(s + c);
+        (dVec::loadu(s + c + KD) + h).store(s + c + KD);
+        at::vec::fmadd(l, l, dVec::loadu(q + c)).store(q + c);
+        at::vec::fmadd(h, h, dVec::loadu(q + c + KD)).store(q + c + KD);
+      } else {
+        dVec d = vload(p + c) - dVec::loadu(sh + c);
+        (dVec::loadu(s + c) + d).store(s + c);
+        at::vec::fmadd(d, d, dVec::loadu(q + c)).store(q + c);
+      }
+    }
+    for (; c < C; ++c) {
+      double d = static_cast<double>(static_cast<O>(p[c])) - sh[c];
+      s[c] += d;
+      q[c] += d * d;
+    }
+  }
+}
+
+// y = act((x - hi) * a + cz (+ r)) over a run with scalar coefficients (cf).
+template <typename T, int ACT, bool RES>
+void apply_run(const T* x, const T* r, T* y, int64_t len, op_t<T> hi, op_t<T> a, op_t<T> cz) {
+  using O = op_t<T>;
+  using V = Vectorized<O>;
+  constexpr int64_t K = V::size();
+  const V vhi(hi), va(a), vcz(cz);
+  int64_t i = 0;
+  for (; i + K <= len; i += K) {
+    V z = vfma(vload(x + i) - vhi, va, vcz);
+    if constexpr (RES) z = z + vload(r + i);
+    vstore(y + i, act_fwd<ACT>(z));
+  }
+  for (; i < len; ++i) {
+    O z = vfma(static_cast<O>(x[i]) - hi, a, cz);
+    if constexpr (RES) z += static_cast<O>(r[i]);
+    y[i] = static_cast<T>(act_fwd<ACT>(z));
+  }
+}
+
+// The same along a row of C channels with per-channel coefficient arrays (cl).
+template <typename T, int ACT, bool RES>
+void apply_row(const T* x, const T* r, T* y, int64_t C, const op_t<T>* hi, const op_t<T>* a,
+               const op_t<T>* cz) {
+  using O = op_t<T>;
+  using V = Vectorized<O>;
+  constexpr int64_t K = V::size();
+  int64_t c = 0;
+  for (; c + K <= C; c += K) {
+    V z = vfma(vload(x + c) - V::loadu(hi + c), V::loadu(a + c), V::loadu(cz + c));
+    if constexpr (RES) z = z + vload(r + c);
+    vstore(y + c, act_fwd<ACT>(z));
+  }
+  for (; c < C; ++c) {
+    O z = vfma(static_cast<O>(x[c]) - hi[c], a[c], cz[c]);
+    if constexpr (RES) z += static_cast<O>(r[c]);
+    y[c] = static_cast<T>(act_fwd<ACT>(z));
+  }
+}
+
+// Backward sums over a run (cf), scalar coefficients: with dz = dy * act'(z) (stored in dr when
+// given), db += sum dz, ds += sum dz (x - hi), sx += sum (x - hi).
+template <typename T, int ACT, bool RES>
+void bsums_run(const T* x, const T* dy, const T* r, T* dr, int64_t len, op_t<T> hi, op_t<T> a,
+               op_t<T> cz, double& db, double& ds, double& sx) {
+  using O = op_t<T>;
+  using V = Vectorized<O>;
+  constexpr int64_t K = V::size();
+  const V vhi(hi), va(a), vcz(cz);
+  Acc adb, ads, asx;
+  int64_t i = 0;
+  for (; i + K <= len; i += K) {
+    V xm = vload(x + i) - vhi;
+    V dz = vload(dy + i);
+    if constexpr (ACT != 0) {
+      V z = vfma(xm, va, vcz);
+      if constexpr (RES) z = z + vload(r + i);
+      dz = act_bwd<ACT>(z, dz);
+      if (dr) vstore(dr + i, dz);
+    }
+    adb.add(dz);
+    ads.add(dz * xm);
+    asx.add(xm);
+  }
+  double tdb = adb.sum(), tds = ads.sum(), tsx = asx.sum();
+  for (; i < len; ++i) {
+    O xm = static_cast<O>(x[i]) - hi;
+    O dz = static_cast<O>(dy[i]);
+    if constexpr (ACT != 0) {
+      O z = vfma(xm, a, cz);
+      if constexpr (RES) z += static_cast<O>(r[i]);
+      dz = act_bwd<ACT>(z, dz);
+      if (dr) dr[i] = static_cast<T>(dz);
+    }
+    tdb += dz;
+    tds += static_cast<double>(dz * xm);
+    tsx += xm;
+  }
+  db += tdb;
+  ds += tds;
+  sx += tsx;
+}
+
+// The same along `rows` rows of C channels (cl), per-channel arrays; acc = [db | ds | sx] (3C).
+template <typename T, int ACT, bool RES>
+void bsums_rows(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_t C,
+                const op_t<T>* hi, const op_t<T>* a, const op_t<T>* cz, double* acc) {
+  using O = op_t<T>;
+  using V = Vectorized<O>;
+  constexpr int64_t K = V::size();
+  constexpr int64_t KD = dVec::size();
+  double* adb = acc;
+  double* ads = acc + C;
+  double* asx = acc + 2 * C;
+  auto add = [](double* p, const V& v) {
+    if constexpr (std::is_same_v<O, float>) {
+      dVec l, h;
+      widen(v, l, h);
+      (dVec::loadu(p) + l).store(p);
+      (dVec::loadu(p + KD) + h).store(p + KD);
+    } else {
+      (dVec::loadu(p) + v).store(p);
+    }
+  };
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t o = row * C;
+    int64_t c = 0;
+    for (; c + K <= C; c += K) {
+      V xm = vload(x + o + c) - V::loadu(hi + c);
+      V dz = vload(dy + o + c);
+      if constexpr (ACT != 0) {
+        V z = vfma(xm, V::loadu(a + c), V::loadu(cz + c));
+        if constexpr (RES) z = z + vload(r + o + c);
+        dz = act_bwd<ACT>(z, dz);
+        if (dr) vstore(dr + o + c, dz);
+      }
+      add(adb + c, dz);
+      add(ads + c, dz * xm);
+      add(asx + c, xm);
+    }
+    for (; c < C; ++c) {
+      O xm = static_cast<O>(x[o + c]) - hi[c];
+      O dz = static_cast<O>(dy[o + c]);
+      if constexpr (ACT != 0) {
+        O z = vfma(xm, a[c], cz[c]);
+        if constexpr (RES) z += static_cast<O>(r[o + c]);
+        dz = act_bwd<ACT>(z, dz);
+        if (dr) dr[o + c] = static_cast<T>(dz);
+      }
+      adb[c] += dz;
+      ads[c] += static_cast<double>(dz * xm);
+      asx[c] += xm;
+    }
+  }
+}
+
+// dx = k1 dz + k2 (x - hi) + k3 over a run (cf, scalars). dz: read back from dr when the sums
+// pass stored it, else dy (ACT 0) or recomputed.
+template <typename T, int ACT, bool RES>
+void dx_run(const T* x, const T* dy, const T* r, const T* dzs, T* dx, int64_t len, op_t<T> hi,
+            op_t<T> a, op_t<T> cz, op_t<T> k1, op_t<T> k2, op_t<T> k3) {
+  using O = op_t<T>;
+  using V = Vectorized<O>;
+  constexpr int64_t K = V::size();
+  const V vhi(hi), va(a), vcz(cz), vk1(k1), vk2(k2), vk3(k3);
+  int64_t i = 0;
+  for (; i + K <= len; i += K) {
+    V xm = vload(x + i) - vhi;
+    V dz;
+    if (ACT == 0 || dzs) {
+      dz = vload((ACT == 0 ? dy : dzs) + i);
+    } else {
+      V z = vfma(xm, va, vcz);
+      if constexpr (RES) z = z + vload(r + i);
+      dz = act_bwd<ACT>(z, vload(dy + i));
+    }
+    vstore(dx + i, vfma(dz, vk1, vfma(xm, vk2, vk3)));
+  }
+  for (; i < len; ++i) {
+    O xm = static_cast<O>(x[i]) - hi;
+    O dz;
+    if (ACT == 0 || dzs) {
+      dz = static_cast<O>((ACT == 0 ? dy : dzs)[i]);
+    } else {
+      O z = vfma(xm, a, cz);
+      if constexpr (RES) z += static_cast<O>(r[i]);
+      dz = act_bwd<ACT>(z, static_cast<O>(dy[i]));
+    }
+    dx[i] = static_cast<T>(vfma(dz, k1, vfma(xm, k2, k3)));
+  }
+}
+
+// The same along a row (cl); coefficient arrays.
+template <typename T, int ACT, bool RES>
+void dx_row(const T* x, const T* dy, const T* r, const T* dzs, T* dx, int64_t C, const op_t<T>* hi,
+            const op_t<T>* a, const op_t<T>* cz, const op_t<T>* k1, const op_t<T>* k2,
+            const op_t<T>* k3) {
+  using O = op_t<T>;
+  using V = Vectorized<O>;
+  constexpr int64_t K = V::size();
+  int64_t c = 0;
+  for (; c + K <= C; c += K) {
+    V xm = vload(x + c) - V::loadu(hi + c);
+    V dz;
+    if (ACT == 0 || dzs) {
+      dz = vload((ACT == 0 ? dy : dzs) + c);
+    } else {
+      V z = vfma(xm, V::loadu(a + c), V::loadu(cz + c));
+      if constexpr (RES) z = z + vload(r + c);
+      dz = act_bwd<ACT>(z, vload(dy + c));
+    }
+    vstore(dx + c, vfma(dz, V::loadu(k1 + c), vfma(xm, V::loadu(k2 + c), V::loadu(k3 + c))));
+  }
+  for (; c < C; ++c) {
+    O xm = static_cast<O>(x[c]) - hi[c];
+    O dz;
+    if (ACT == 0 || dzs) {
+      dz = static_cast<O>((ACT == 0 ? dy : dzs)[c]);
+    } else {
+      O z = vfma(xm, a[c], cz[c]);
+      if constexpr (RES) z += static_cast<O>(r[c]);
+      dz = act_bwd<ACT>(z, static_cast<O>(dy[c]));
+    }
+    dx[c] = static_cast<T>(vfma(dz, k1[c], vfma(xm, k2[c], k3[c])));
+  }
+}
+
+// Calls f(c, s0, s1) for each channel piece of the element range [e0, e1) of a cf group
+// (channel c local to the group, positions [s0, s1) of its S).
+template <typename F> inline void channel_runs(int64_t e0, int64_t e1, int64_t S, const F& f) {
+  for (int64_t c = e0 / S; c * S < e1; ++c) {
+    f(c, std::max(e0, c * S) - c * S, std::min(e1, (c + 1) * S) - c * S);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shapes and work split.
+// ---------------------------------------------------------------------------------------------
+
+struct Shape {
+  int64_t N, C, G, D, S;
+  bool cl;  // kernel layout (see the top of the file)
+};
+
+// Chunks per unit (cf: elements of a group; cl: rows of a sample) and rows per chunk (cl).
+struct Split {
+  int64_t units, unit_elems, Q, rows;  // rows: cl rows per chunk (S for cf's unused field)
+};
+
+Split make_split(const Shape& sh, int64_t bytes_per_elem) {
+  Split sp;
+  if (!sh.cl) {
+    sp.units = sh.N * sh.G;
+    sp.unit_elems = sh.D * sh.S;
+    bool fused = (sp.units >= kFusedUnits && sp.unit_elems * bytes_per_elem <= kFusedBytes) ||
+                 sp.unit_elems <= kChunk;
+    sp.Q = fused ? 1 : divup(sp.unit_elems, kChunk);
+    sp.rows = sh.S;
+  } else {
+    sp.units = sh.N;
+    sp.unit_elems = sh.S * sh.C;
+    bool fused = (sp.units >= kFusedUnits && sp.unit_elems * bytes_per_elem <= kFusedBytes) ||
+                 sp.unit_elems <= kChunk;
+    if (fused) {
+      sp.Q = 1;
+      sp.rows = sh.S;
+    } else {
+      // >= 16 rows a chunk: each chunk keeps 2-3 doubles per channel of partial sums.
+      int64_t rows = std::min(sh.S, std::max<int64_t>(16, divup(kChunk, sh.C)));
+      int64_t Q = divup(sh.S, rows);
+      int64_t want = divup(4, sh.N);  // >= 4 tasks in all (batch 1, 2), while rows allow
+      if (Q < want) Q = std::min(want, std::max<int64_t>(1, sh.S / 4));
+      sp.Q = Q;
+      sp.rows = divup(sh.S, Q);
+      sp.Q = divup(sh.S, sp.rows);
+    }
+  }
+  return sp;
+}
+
+// Fused units: one task each. Else blocks of units of ~kBlockBytes: parallel partial sums per
+// (unit, chunk), a merge per unit, a parallel output pass per (unit, chunk).
+template <typename Fused, typename Partial, typename Merge, typename Output>
+void drive(const Split& sp, int64_t bytes_per_elem, const Fused& fused, const Partial& partial,
+           const Merge& merge, const Output& output) {
+  if (sp.Q == 1) {
+    run_tasks(sp.units, sp.unit_elems, [&](int64_t b, int64_t e) {
+      for (int64_t u = b; u < e; ++u) fused(u);
+    });
+    return;
+  }
+  const int64_t chunk_elems = divup(sp.unit_elems, sp.Q);
+  const int64_t block =
+      std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, sp.unit_elems * bytes_per_elem));
+  for (int64_t u0 = 0; u0 < sp.units; u0 += block) {
+    const int64_t u1 = std::min(sp.units, u0 + block);
+    run_tasks((u1 - u0) * sp.Q, chunk_elems, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) partial((u0 * sp.Q + t) / sp.Q, (u0 * sp.Q + t) % sp.Q);
+    });
+    run_tasks(u1 - u0, kMinPerThread / 8, [&](int64_t b, int64_t e) {
+      for (int64_t u = u0 + b; u < u0 + e; ++u) merge(u);
+    });
+    run_tasks((u1 - u0) * sp.Q, chunk_elems, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) output((u0 * sp.Q + t) / sp.Q, (u0 * sp.Q + t) % sp.Q);
+    });
+  }
+}
+
+// Per-channel parameters as double (1 / 0 when absent).
+std::vector<double> param_values(const optional<Tensor>& p, int64_t C, double fill) {
+  std::vector<double> v(C, fill);
+  if (p.has_value() && p->defined()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p->scalar_type(), "gn_param", [&] {
+      const scalar_t* d = p->const_data_ptr<scalar_t>();
+      const int64_t st = p->stride(0);
+      for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(d[c * st]);
+    });
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T> struct ForwardArgs {
+  Shape sh;
+  const T* x;
+  const T* r;
+  T* y;
+  op_t<T>* mean;
+  op_t<T>* rstd;
+  const double* gamma;
+  const double* beta;
+  double eps;
+};
+
+template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T>& A) {
+  using O = op_t<T>;
+  const Shape& sh = A.sh;
+  const int64_t N = sh.N, C = sh.C, G = sh.G, D = sh.D, S = sh.S;
+  const int64_t cnt = D * S;
+  // Per (n, c): hi (the rounded group mean), a = gamma rstd, cz = beta - a lo.
+  std::vector<O> coef(static_cast<size_t>(N * 3 * C));
+  auto coefs = [&](int64_t n, int64_t g, double shift, double s, double q) {
+    const double md = s / cnt;
+    const double var = std::max(q / cnt - md * md, 0.0);
+    const double mu = shift + md;
+    const double rs = 1.0 / std::sqrt(var + A.eps);
+    const O hi = static_cast<O>(mu);
+    const double lo = mu - static_cast<double>(hi);
+    A.mean[n * G + g] = static_cast<O>(mu);
+    A.rstd[n * G + g] = static_cast<O>(rs);
+    O* row = coef.data() + n * 3 * C;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      const double a = A.gamma[c] * rs;
+      row[c] = hi;
+      row[C + c] = static_cast<O>(a);
+      row[2 * C + c] = static_cast<O>(A.beta[c] - a * lo);
+    }
+  };
+  const Split sp = make_split(sh, sizeof(T));
+
+  if (!sh.cl) {
+    // unit u = group (n, g): elements [u * cnt, (u + 1) * cnt)
+    auto output = [&](int64_t u, int64_t e0, int64_t e1) {
+      const int64_t n = u / G, g = u % G;
+      const O* row = coef.data() + n * 3 * C;
+      channel_runs(e0, e1, S, [&](int64_t cl, int64_t s0, int64_t s1) {
+        const int64_t c = g * D + cl;
+        const int64_t o = u * cnt + cl * S + s0;
+        apply_run<T, ACT, RES>(A.x + o, RES ? A.r + o : nullptr, A.y + o, s1 - s0, row[c],
+                               row[C + c], row[2 * C + c]);
+      });
+    };
+    std::vector<double> part(sp.Q > 1 ? static_cast<size_t>(sp.units * sp.Q * 2) : 0);
+    drive(
+        sp, sizeof(T),
+        [&](int64_t u) {
+          const double shift = static_cast<double>(static_cast<O>(A.x[u * cnt]));
+          double s = 0, q = 0;
+          sums_run(A.x + u * cnt, cnt, shift, s, q);
+          coefs(u / G, u % G, shift, s, q);
+          output(u, 0, cnt);
+        },
+        [&](int64_t u, int64_t k) {
+          const double shift = static_cast<double>(static_cast<O>(A.x[u * cnt]));
+          const int64_t e0 = cnt * k / sp.Q, e1 = cnt * (k + 1) / sp.Q;
+          double s = 0, q = 0;
+          sums_run(A.x + u * cnt + e0, e1 - e0, shift, s, q);
+          part[(u * sp.Q + k) * 2] = s;
+          part[(u * sp.Q + k) * 2 + 1] = q;
+        },
+        [&](int64_t u) {
+          double s = 0, q = 0;
+          for (int64_t k = 0; k < sp.Q; ++k) {
+            s += part[(u * sp.Q + k) * 2];
+            q += part[(u * sp.Q + k) * 2 + 1];
+          }
+          coefs(u / G, u % G, static_cast<double>(static_cast<O>(A.x[u * cnt])), s, q);
+        },
+        [&](int64_t u, int64_t k) { output(u, cnt * k / sp.Q, cnt * (k + 1) / sp.Q); });
+    return;
+  }
+
+  // cl: unit = sample n, rows of C channels; chunk k = rows [k * R, min(S, (k + 1) * R)).
+  const int64_t R = sp.rows;
+  auto shifts = [&](int64_t n, double* shv) {  // each channel shifted by its group's first element
+    const T* x0 = A.x + n * S * C;
+    for (int64_t g = 0; g < G; ++g) {
+      const double v = static_cast<double>(static_cast<O>(x0[g * D]));
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) shv[c] = v;
+    }
+  };
+  auto merge_groups = [&](int64_t n, const double* shv, const double* s, const double* q) {
+    for (int64_t g = 0; g < G; ++g) {
+      double ts = 0, tq = 0;
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        ts += s[c];
+        tq += q[c];
+      }
+      coefs(n, g, shv[g * D], ts, tq);
+    }
+  };
+  auto output = [&](int64_t n, int64_t r0, int64_t r1) {
+    const O* row = coef.data() + n * 3 * C;
+    for (int64_t rr = r0; rr < r1; ++rr) {
+      const int64_t o = (n * S + rr) * C;
+      apply_row<T, ACT, RES>(A.x + o, RES ? A.r + o : nullptr, A.y + o, C, row, row + C,
+                             row + 2 * C);
+    }
+  };
+  std::vector<double> shv_all(sp.Q > 1 ? static_cast<size_t>(N * C) : 0);
+  std::vector<double> part(sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 2 * C) : 0);
+  for (int64_t n = 0; sp.Q > 1 && n < N; ++n) shifts(n, shv_all.data() + n * C);
+  drive(
+      sp, sizeof(T),
+      [&](int64_t n) {
+        std::vector<double> buf(3 * C, 0.0);
+        double* shv = buf.data();
+        shifts(n, shv);
+        sums_rows(A.x + n * S * C, S, C, shv, buf.data() + C, buf.data() + 2 * C);
+        merge_groups(n, shv, buf.data() + C, buf.data() + 2 * C);
+        output(n, 0, S);
+      },
+      [&](int64_t n, int64_t k) {
+        const double* shv = shv_all.data() + n * C;
+        double* s = part.data() + (n * sp.Q + k) * 2 * C;
+        std::fill(s, s + 2 * C, 0.0);
+        const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
+        sums_rows(A.x + (n * S + r0) * C, r1 - r0, C, shv, s, s + C);
+      },
+      [&](int64_t n) {
+        std::vector<double> tot(2 * C, 0.0);
+        for (int64_t k = 0; k < sp.Q; ++k) {
+          const double* s = part.data() + (n * sp.Q + k) * 2 * C;
+          for (int64_t c = 0; c < 2 * C; ++c) tot[c] += s[c];
+        }
+        merge_groups(n, shv_all.data() + n * C, tot.data(), tot.data() + C);
+      },
+      [&](int64_t n, int64_t k) { output(n, k * R, std::min(S, k * R + R)); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T> struct BackwardArgs {
+  Shape sh;
+  const T* dy;
+  const T* x;
+  const T* r;
+  const op_t<T>* mean;
+  const op_t<T>* rstd;
+  const double* gamma;
+  const double* beta;
+  T* dx;        // null: not needed
+  T* dr;        // null: not stored
+  double* wb;   // (N, C, 2): per-sample dgamma, dbeta partials; null: not needed
+};
+
+template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs<T>& A) {
+  using O = op_t<T>;
+  const Shape& sh = A.sh;
+  const int64_t N = sh.N, C = sh.C, G = sh.G, D = sh.D, S = sh.S;
+  const int64_t cnt = D * S;
+  // Per (n, c): [hi, a, cz, k1, k2, k3] x C.
+  std::vector<O> coef(static_cast<size_t>(N * 6 * C));
+  std::vector<double> lo_pre(static_cast<size_t>(N * G), 0.0);
+
+  // With an activation, z needs lo when the rounding of the mean shows in z: get the exact mean
+  // first (one more read of x, only then).
+  if constexpr (ACT != 0) {
+    constexpr double eps_o = std::numeric_limits<O>::epsilon();
+    bool need = false;
+    for (int64_t i = 0; i < N * G; ++i) {
+      need |= std::abs(static_cast<double>(A.mean[i])) * static_cast<double>(A.rstd[i]) * eps_o >
+              5e-7;
+    }
+    if (need) {
+      if (!sh.cl) {
+        run_tasks(N * G, cnt, [&](int64_t b, int64_t e) {
+          for (int64_t u = b; u < e; ++u) {
+            double s = 0, q = 0;
+            sums_run(A.x + u * cnt, cnt, static_cast<double>(A.mean[u]), s, q);
+            lo_pre[u] = s / cnt;
+          }
+        });
+      } else {
+        run_tasks(N, S * C, [&](int64_t b, int64_t e) {
+          std::vector<double> buf(3 * C);
+          for (int64_t n = b; n < e; ++n) {
+            for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<double>(A.mean[n * G + c / D]);
+            std::fill(buf.begin() + C, buf.end(), 0.0);
+            sums_rows(A.x + n * S * C, S, C, buf.data(), buf.data() + C, buf.data() + 2 * C);
+            for (int64_t g = 0; g < G; ++g) {
+              double s = 0;
+              for (int64_t c = g * D; c < (g + 1) * D; ++c) s += buf[C + c];
+              lo_pre[n * G + g] = s / cnt;
+            }
+          }
+        });
+      }
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    O* row = coef.data() + n * 6 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = n * G + c / D;
+      const double a = A.gamma[c] * static_cast<double>(A.rstd[i]);
+      row[c] = static_cast<O>(A.mean[i]);
+      row[C + c] = static_cast<O>(a);
+      row[2 * C + c] = static_cast<O>(A.beta[c] - a * lo_pre[i]);
+    }
+  }
+  // Group (n, g) from its channels' sums db, ds, sx (D entries each, channel order).
+  auto finish = [&](int64_t n, int64_t g, const double* db, const double* ds, const double* sx) {
+    const double rs = static_cast<double>(A.rstd[n * G + g]);
+    double tsx = 0;
+    for (int64_t c = 0; c < D; ++c) tsx += sx[c];
+    const double lo = tsx / cnt;  // mean = hi + lo exactly
+    double sg = 0, tg = 0;
+    for (int64_t c = 0; c < D; ++c) {
+      const double gm = A.gamma[g * D + c];
+      sg += gm * db[c];
+      tg += gm * (ds[c] - lo * db[c]);
+    }
+    const double mA = sg / cnt, mB = rs * tg / cnt;  // mean_g(gamma dz), mean_g(gamma dz x_hat)
+    O* row = coef.data() + n * 6 * C;
+    const O k2 = static_cast<O>(-rs * rs * mB);
+    const O k3 = static_cast<O>(-rs * mA + rs * rs * mB * lo);
+    for (int64_t c = 0; c < D; ++c) {
+      const int64_t cc = g * D + c;
+      row[3 * C + cc] = static_cast<O>(rs * A.gamma[cc]);
+      row[4 * C + cc] = k2;
+      row[5 * C + cc] = k3;
+      if (A.wb) {
+        A.wb[(n * C + cc) * 2] = rs * (ds[c] - lo * db[c]);
+        A.wb[(n * C + cc) * 2 + 1] = db[c];
+      }
+    }
+  };
+  // bytes per element read by the sums pass (x, dy) decide the fused size
+  const Split sp = make_split(sh, 2 * sizeof(T));
+
+  if (!sh.cl) {
+    auto sums = [&](int64_t u, int64_t e0, int64_t e1, double* acc /*3 x D*/) {
+      const int64_t n = u / G, g = u % G;
+      const O* row = coef.data() + n * 6 * C;
+      channel_runs(e0, e1, S, [&](int64_t cl, int64_t s0, int64_t s1) {
+        const int64_t c = g * D + cl;
+        const int64_t o = u * cnt + cl * S + s0;
+        bsums_run<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr,
+                               A.dr ? A.dr + o : nullptr, s1 - s0, row[c], row[C + c],
+                               row[2 * C + c], acc[cl], acc[D + cl], acc[2 * D + cl]);
+      });
+    };
+    auto output = [&](int64_t u, int64_t e0, int64_t e1) {
+      if (!A.dx) return;
+      const int64_t n = u / G, g = u % G;
+      const O* row = coef.data() + n * 6 * C;
+      channel_runs(e0, e1, S, [&](int64_t cl, int64_t s0, int64_t s1) {
+        const int64_t c = g * D + cl;
+        const int64_t o = u * cnt + cl * S + s0;
+        dx_run<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr, A.dr ? A.dr + o : nullptr,
+                            A.dx + o, s1 - s0, row[c], row[C + c], row[2 * C + c], row[3 * C + c],
+                            row[4 * C + c], row[5 * C + c]);
+      });
+    };
+    std::vector<double> part(sp.Q > 1 ? static_cast<size_t>(sp.units * sp.Q * 3 * D) : 0);
+    drive(
+        sp, 2 * sizeof(T),
+        [&](int64_t u) {
+          std::vector<double> acc(3 * D, 0.0);
+          sums(u, 0, cnt, acc.data());
+          finish(u / G, u % G, acc.data(), acc.data() + D, acc.data() + 2 * D);
+          output(u, 0, cnt);
+        },
+        [&](int64_t u, int64_t k) {
+          double* acc = part.data() + (u * sp.Q + k) * 3 * D;
+          std::fill(acc, acc + 3 * D, 0.0);
+          sums(u, cnt * k / sp.Q, cnt * (k + 1) / sp.Q, acc);
+        },
+        [&](int64_t u) {
+          std::vector<double> tot(3 * D, 0.0);
+          for (int64_t k = 0; k < sp.Q; ++k) {
+            const int64_t e0 = cnt * k / sp.Q, e1 = cnt * (k + 1) / sp.Q;
+            const double* acc = part.data() + (u * sp.Q + k) * 3 * D;
+            for (int64_t c = e0 / S; c * S < e1; ++c) {  // the channels chunk k touched
+              for (int j = 0; j < 3; ++j) tot[j * D + c] += acc[j * D + c];
+            }
+          }
+          finish(u / G, u % G, tot.data(), tot.data() + D, tot.data() + 2 * D);
+        },
+        [&](int64_t u, int64_t k) { output(u, cnt * k / sp.Q, cnt * (k + 1) / sp.Q); });
+    return;
+  }
+
+  const int64_t R = sp.rows;
+  auto sums = [&](int64_t n, int64_t r0, int64_t r1, double* acc /*3 x C*/) {
+    const O* row = coef.data() + n * 6 * C;
+    const int64_t o = (n * S + r0) * C;
+    bsums_rows<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr, A.dr ? A.dr + o : nullptr,
+                            r1 - r0, C, row, row + C, row + 2 * C, acc);
+  };
+  auto finish_sample = [&](int64_t n, const double* acc) {
+    for (int64_t g = 0; g < G; ++g) {
+      finish(n, g, acc + g * D, acc + C + g * D, acc + 2 * C + g * D);
+    }
+  };
+  auto output = [&](int64_t n, int64_t r0, int64_t r1) {
+    if (!A.dx) return;
+    const O* row = coef.data() + n * 6 * C;
+    for (int64_t rr = r0; rr < r1; ++rr) {
+      const int64_t o = (n * S + rr) * C;
+      dx_row<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr, A.dr ? A.dr + o : nullptr,
+                          A.dx + o, C, row, row + C, row + 2 * C, row + 3 * C, row + 4 * C,
+                          row + 5 * C);
+    }
+  };
+  std::vector<double> part(sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 3 * C) : 0);
+  drive(
+      sp, 2 * sizeof(T),
+      [&](int64_t n) {
+        std::vector<double> acc(3 * C, 0.0);
+        sums(n, 0, S, acc.data());
+        finish_sample(n, acc.data());
+        output(n, 0, S);
+      },
+      [&](int64_t n, int64_t k) {
+        double* acc = part.data() + (n * sp.Q + k) * 3 * C;
+        std::fill(acc, acc + 3 * C, 0.0);
+        sums(n, k * R, std::min(S, k * R + R), acc);
+      },
+      [&](int64_t n) {
+        std::vector<double> tot(3 * C, 0.0);
+        for (int64_t k = 0; k < sp.Q; ++k) {
+          const double* acc = part.data() + (n * sp.Q + k) * 3 * C;
+          for (int64_t c = 0; c < 3 * C; ++c) tot[c] += acc[c];
+        }
+        finish_sample(n, tot.data());
+      },
+      [&](int64_t n, int64_t k) { output(n, k * R, std::min(S, k * R + R)); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors: layouts, allocation, argument checks (a safety net: groupnorm/_checks.py validates).
+// ---------------------------------------------------------------------------------------------
+
+// Whether a tensor's (N, *spatial, C) permutation is dense (size-1 dims may have any stride).
+// Templated on the size type so that the Meta kernels can run it on symbolic shapes.
+template <typename Sizes, typename Strides> bool cl_dense(const Sizes& size, const Strides& stride) {
+  using I = std::decay_t<decltype(size[0])>;
+  I expected = 1;
+  auto ok = [&](size_t d) {
+    if (size[d] != 1 && stride[d] != expected) return false;
+    expected = expected * size[d];
+    return true;
+  };
+  if (!ok(1)) return false;
+  for (size_t d = size.size() - 1; d >= 2; --d) {
+    if (!ok(d)) return false;
+  }
+  return ok(0);
+}
+
+bool cl_order_dense(const Tensor& t) { return cl_dense(t.sizes(), t.strides()); }
+
+// x's output layout: channels-last-like iff x is, and x is not contiguous (groupnorm/_layout.py).
+bool is_channels_last(const Tensor& x) {
+  return x.dim() > 2 && !x.is_contiguous() && cl_order_dense(x);
+}
+
+// An uninitialized tensor of x's shape in the output layout for x (works on meta tensors with
+// symbolic shapes too).
+Tensor empty_like_layout(const Tensor& x, bool cl, at::ScalarType dtype) {
+  auto opts = x.options().dtype(dtype);
+  if (!cl) return at::empty_symint(x.sym_sizes(), opts);
+  std::vector<c10::SymInt> sizes;
+  std::vector<int64_t> perm;  // (N, *spatial, C) -> (N, C, *spatial)
+  const int64_t d = x.dim();
+  sizes.push_back(x.sym_size(0));
+  for (int64_t i = 2; i < d; ++i) sizes.push_back(x.sym_size(i));
+  sizes.push_back(x.sym_size(1));
+  perm.push_back(0);
+  perm.push_back(d - 1);
+  for (int64_t i = 1; i < d - 1; ++i) perm.push_back(i);
+  return at::empty_symint(sizes, opts).permute(perm);
+}
+
+// Outputs are NaN-filled instead when GROUPNORM_CPU_POISON=1 (tests: an element a kernel fails
+// to write then shows up).
+bool poison() {
+  const char* v = std::getenv("GROUPNORM_CPU_POISON");
+  return v && v[0] == '1';
+}
+
+Tensor new_output(const Tensor& x, bool cl, at::ScalarType dtype) {
+  Tensor t = empty_like_layout(x, cl, dtype);
+  if (poison()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// t (x's shape) with memory in the kernel layout: (N, *spatial, C) dense when kcl, else
+// contiguous. A copy only when it differs.
+Tensor in_kernel_layout(const Tensor& t, bool kcl) {
+  if (!kcl) return t.contiguous();
+  if (cl_order_dense(t)) return t;
+  return t.movedim(1, -1).contiguous().movedim(-1, 1);
+}
+
+at::ScalarType stat_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Shape make_shape(const Tensor& x, int64_t G, bool cl) {
+  Shape sh;
+  sh.N = x.size(0);
+  sh.C = x.size(1);
+  sh.G = G;
+  sh.D = sh.C / G;
+  sh.S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) sh.S *= x.size(d);
+  sh.cl = cl || sh.S == 1;  // S == 1: the same memory as channels-last, vectorized along C
+  return sh;
+}
+
+void check_args(const Tensor& x, int64_t G, int64_t act, const char* where) {
+  TORCH_CHECK(x.dim() >= 2, where, ": expected an input of rank >= 2 (N, C, *spatial), got ",
+              x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), where,
+              ": expected a floating-point input, got ", x.scalar_type());
+  TORCH_CHECK(G > 0 && x.size(1) % G == 0, where, ": num_channels=", x.size(1),
+              " is not divisible by num_groups=", G);
+  TORCH_CHECK(act >= 0 && act <= 3, where, ": activation code must be 0..3, got ", act);
+}
+
+void check_param(const optional<Tensor>& p, const Tensor& x, const char* name) {
+  if (!p.has_value() || !p->defined()) return;
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), "groupnorm_cpu: ", name,
+              " must have shape (", x.size(1), ",), got ", p->sizes());
+  TORCH_CHECK(at::isFloatingType(p->scalar_type()), "groupnorm_cpu: ", name,
+              " must be floating-point, got ", p->scalar_type());
+}
+
+template <typename F> void dispatch_act(int64_t act, const F& f) {
+  switch (act) {
+    case 0: f(std::integral_constant<int, 0>()); break;
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    default: f(std::integral_constant<int, 3>()); break;
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x_in, const optional<Tensor>& weight,
+                                               const optional<Tensor>& bias,
+                                               const optional<Tensor>& residual, int64_t G,
+                                               double eps, int64_t act) {
+  check_args(x_in, G, act, "groupnorm_cpu.forward");
+  check_param(weight, x_in, "weight");
+  check_param(bias, x_in, "bias");
+  const bool out_cl = is_channels_last(x_in);
+  const int64_t N = x_in.size(0);
+  Tensor y = new_output(x_in, out_cl, x_in.scalar_type());
+  Tensor mean = at::empty({N, G}, x_in.options().dtype(stat_type(x_in)));
+  Tensor rstd = at::empty({N, G}, x_in.options().dtype(stat_type(x_in)));
+  if (x_in.numel() == 0) {  // no positions: statistics of an empty set
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, rstd};
+  }
+  const Shape sh = make_shape(x_in, G, out_cl);
+  Tensor x = in_kernel_layout(x_in, sh.cl);
+  const bool has_res = residual.has_value() && residual->defined();
+  Tensor r;
+  if (has_res) {
+    TORCH_CHECK(residual->sizes() == x_in.sizes(), "groupnorm_cpu.forward: residual shape ",
+                residual->sizes(), " must equal input shape ", x_in.sizes());
+    r = in_kernel_layout(residual->to(x_in.scalar_type()), sh.cl);
+  }
+  // y's memory is in the kernel layout already (contiguous, or cl-like; S == 1: both the same)
+  const std::vector<double> gamma = param_values(weight, sh.C, 1.0);
+  const std::vector<double> beta = param_values(bias, sh.C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gn_forward", [&] {
+    ForwardArgs<scalar_t> A{sh,
+                            x.const_data_ptr<scalar_t>(),
+                            has_res ? r.const_data_ptr<scalar_t>() : nullptr,
+                            y.data_ptr<scalar_t>(),
+                            mean.data_ptr<op_t<scalar_t>>(),
+                            rstd.data_ptr<op_t<scalar_t>>(),
+                            gamma.data(),
+                            beta.data(),
+                            eps};
+    dispatch_act(act, [&](auto a) {
+      if (has_res) {
+        forward_kernel<scalar_t, decltype(a)::value, true>(A);
+      } else {
+        forward_kernel<scalar_t, decltype(a)::value, false>(A);
+      }
+    });
+  });
+  return {y, mean, rstd};
+}
+
+Tensor empty0(const Tensor& x) { return at::empty({0}, x.options()); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
+    const Tensor& dy_in, const Tensor& x_in, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, int64_t G, int64_t act, std::array<bool, 4> needs) {
+  check_args(x_in, G, act, "groupnorm_cpu.backward");
+  check_param(weight, x_in, "weight");
+  check_param(bias, x_in, "bias");
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "groupnorm_cpu.backward: grad_y shape ",
+              dy_in.sizes(), " must equal input shape ", x_in.sizes());
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  TORCH_CHECK(mean_in.numel() == N * G && rstd_in.numel() == N * G,
+              "groupnorm_cpu.backward: mean and rstd must have shape (", N, ", ", G, ")");
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  const bool has_res = residual.has_value() && residual->defined();
+  const bool need_dx = needs[0], need_dw = needs[1] && has_w, need_db = needs[2] && has_b;
+  const bool store_dr = needs[3] && has_res && act != 0;
+  const bool out_cl = is_channels_last(x_in);
+  Tensor dx = need_dx ? new_output(x_in, out_cl, x_in.scalar_type()) : empty0(x_in);
+  Tensor dr = store_dr ? new_output(x_in, out_cl, x_in.scalar_type()) : empty0(x_in);
+  Tensor dw = need_dw ? at::empty({C}, weight->options()) : empty0(x_in);
+  Tensor db = need_db ? at::empty({C}, bias->options()) : empty0(x_in);
+  if (!(need_dx || need_dw || need_db || store_dr)) return {dx, dw, db, dr};
+  if (x_in.numel() == 0) {
+    if (need_dw) dw.zero_();
+    if (need_db) db.zero_();
+    return {dx, dw, db, dr};
+  }
+  const Shape sh = make_shape(x_in, G, out_cl);
+  Tensor x = in_kernel_layout(x_in, sh.cl);
+  Tensor dy = in_kernel_layout(dy_in.to(x_in.scalar_type()), sh.cl);
+  Tensor r;
+  const bool use_res = has_res && act != 0;  // only z (for act'(z)) needs the residual
+  if (use_res) r = in_kernel_layout(residual->to(x_in.scalar_type()), sh.cl);
+  Tensor mean = mean_in.to(stat_type(x_in)).contiguous();
+  Tensor rstd = rstd_in.to(stat_type(x_in)).contiguous();
+  const std::vector<double> gamma = param_values(weight, C, 1.0);
+  const std::vector<double> beta = param_values(bias, C, 0.0);
+  std::vector<double> wb((need_dw || need_db) ? static_cast<size_t>(N * C * 2) : 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gn_backward", [&] {
+    BackwardArgs<scalar_t> A{sh,
+                             dy.const_data_ptr<scalar_t>(),
+                             x.const_data_ptr<scalar_t>(),
+                             use_res ? r.const_data_ptr<scalar_t>() : nullptr,
+                             mean.const_data_ptr<op_t<scalar_t>>(),
+                             rstd.const_data_ptr<op_t<scalar_t>>(),
+                             gamma.data(),
+                             beta.data(),
+                             need_dx ? dx.data_ptr<scalar_t>() : nullptr,
+                             store_dr ? dr.data_ptr<scalar_t>() : nullptr,
+                             wb.empty() ? nullptr : wb.data()};
+    dispatch_act(act, [&](auto a) {
+      if (use_res) {
+        backward_kernel<scalar_t, decltype(a)::value, true>(A);
+      } else {
+        backward_kernel<scalar_t, decltype(a)::value, false>(A);
+      }
+    });
+  });
+  if (need_dw || need_db) {
+    // dgamma_c = sum_n wb[n, c, 0], dbeta_c = sum_n wb[n, c, 1], n in order.
+    std::vector<double> tot(2 * C, 0.0);
+    run_tasks(C, 4 * N, [&](int64_t c0, int64_t c1) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
+          tot[2 * c] += wb[(n * C + c) * 2];
+          tot[2 * c + 1] += wb[(n * C + c) * 2 + 1];
+        }
+      }
+    });
+    auto store = [&](Tensor& out, int j) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "gn_dw", [&] {
+        scalar_t* p = out.data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(tot[2 * c + j]);
+      });
+    };
+    if (need_dw) store(dw, 0);
+    if (need_db) store(db, 1);
+  }
+  return {dx, dw, db, dr};
+}
+
+Tensor group_norm_cpu(const Tensor& x, const optional<Tensor>& weight,
+                      const optional<Tensor>& bias, const optional<Tensor>& residual, int64_t G,
+                      double eps, int64_t act) {
+  return std::get<0>(forward_cpu(x, weight, bias, residual, G, eps, act));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Meta (shape / dtype / layout only; symbolic shapes allowed): FakeTensor, torch.compile.
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> forward_meta(const Tensor& x, const optional<Tensor>&,
+                                                const optional<Tensor>&,
+                                                const optional<Tensor>&, int64_t G, double,
+                                                int64_t) {
+  const bool cl = x.dim() > 2 && !x.is_contiguous() && cl_dense(x.sym_sizes(), x.sym_strides());
+  auto sopts = x.options().dtype(stat_type(x));
+  std::vector<c10::SymInt> ssz{x.sym_size(0), c10::SymInt(G)};
+  return {empty_like_layout(x, cl, x.scalar_type()), at::empty_symint(ssz, sopts),
+          at::empty_symint(ssz, sopts)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_meta(
+    const Tensor&, const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& residual, const Tensor&, const Tensor&, int64_t, int64_t act,
+    std::array<bool, 4> needs) {
+  const bool cl = x.dim() > 2 && !x.is_contiguous() && cl_dense(x.sym_sizes(), x.sym_strides());
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  const bool has_res = residual.has_value() && residual->defined();
+  Tensor dx = needs[0] ? empty_like_layout(x, cl, x.scalar_type()) : empty0(x);
+  Tensor dw = needs[1] && has_w ? at::empty_symint(weight->sym_sizes(), weight->options())
+                                : empty0(x);
+  Tensor db = needs[2] && has_b ? at::empty_symint(bias->sym_sizes(), bias->options()) : empty0(x);
+  Tensor dr = needs[3] && has_res && act != 0 ? empty_like_layout(x, cl, x.scalar_type())
+                                              : empty0(x);
+  return {dx, dw, db, dr};
+}
+
+Tensor group_norm_meta(const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
+                       const optional<Tensor>& r, int64_t G, double eps, int64_t act) {
+  return std::get<0>(forward_meta(x, w, b, r, G, eps, act));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autograd: group_norm's backward runs the fused backward op; under create_graph=True (grad mode
+// on inside the backward) it differentiates an exact composite of ATen ops instead, so that
+// double backward works.
+// ---------------------------------------------------------------------------------------------
+
+// act(gamma * x_hat + beta + residual) from differentiable ATen ops, in float64, with the group
+// statistics of x - (the group's first element, detached): exact for any mean.
+Tensor composite(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r, int64_t G,
+                 double eps, int64_t act) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t per = C / G * (x.numel() / std::max<int64_t>(1, N * C));
+  Tensor xg = x.to(at::kDouble).reshape({N, G, per});
+  Tensor d = xg - xg.narrow(2, 0, 1).detach();
+  Tensor c = d - d.mean(2, true);
+  Tensor xhat = (c * (c * c).mean(2, true).add(eps).rsqrt()).reshape(x.sizes());
+  std::vector<int64_t> pshape(x.dim(), 1);
+  pshape[1] = C;
+  Tensor z = xhat;
+  if (w.defined()) z = z * w.to(at::kDouble).reshape(pshape);
+  if (b.defined()) z = z + b.to(at::kDouble).reshape(pshape);
+  if (r.defined()) z = z + r.to(at::kDouble);
+  switch (act) {
+    case 1: z = at::relu(z); break;
+    case 2: z = at::silu(z); break;
+    case 3: z = at::gelu(z); break;
+    default: break;
+  }
+  return z.to(x.scalar_type());
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
+                        const optional<Tensor>& bias, const optional<Tensor>& residual, int64_t G,
+                        double eps, int64_t act) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("groupnorm_cpu::forward", "")
+                         .typed<decltype(forward_cpu)>();
+    auto [y, mean, rstd] = op.call(x, weight, bias, residual, G, eps, act);
+    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()),
+                            residual.value_or(Tensor()), mean, rstd});
+    ctx->saved_data["G"] = G;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &r = saved[3];
+    const int64_t G = ctx->saved_data["G"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const Tensor& dy = grads[0];
+    variable_list out(7);
+    // needs_input_grad counts the tensor inputs that were given (an absent optional has no edge)
+    size_t edge = 0;
+    auto needs = [&](const Tensor& t) { return t.defined() && ctx->needs_input_grad(edge++); };
+    const bool nx = needs(x), nw = needs(w), nb = needs(b), nr = needs(r);
+    if (!dy.defined() || !(nx || nw || nb || nr)) return out;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients
+      variable_list inputs;
+      std::vector<int> slot;
+      const Tensor* ts[4] = {&x, &w, &b, &r};
+      const bool ns[4] = {nx, nw, nb, nr};
+      for (int i = 0; i < 4; ++i) {
+        if (ns[i]) {
+          inputs.push_back(*ts[i]);
+          slot.push_back(i);
+        }
+      }
+      Tensor y = composite(x, w, b, r, G, eps, act);
+      auto gs = torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/true,
+                                      /*create_graph=*/true, /*allow_unused=*/true);
+      for (size_t i = 0; i < slot.size(); ++i) {
+        out[slot[i]] = gs[i].defined() ? gs[i] : at::zeros_like(*ts[slot[i]]);
+      }
+      return out;
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("groupnorm_cpu::backward", "")
+                         .typed<decltype(backward_cpu)>();
+    auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
+    auto [dx, dw, db, dr] = op.call(dy, x, opt(w), opt(b), act != 0 ? opt(r) : std::nullopt,
+                                    saved[4], saved[5], G, act, {nx, nw, nb, nr && act != 0});
+    if (nx) out[0] = dx;
+    if (nw) out[1] = dw;
+    if (nb) out[2] = db;
+    if (nr) out[3] = act != 0 ? dr : dy;
+    return out;
+  }
+};
+
+Tensor group_norm_autograd(const Tensor& x, const optional<Tensor>& weight,
+                           const optional<Tensor>& bias, const optional<Tensor>& residual,
+                           int64_t G, double eps, int64_t act) {
+  return GroupNormFunction::apply(x, weight, bias, residual, G, eps, act);
+}
+
+}  // namespace
+}  // namespace groupnorm_cpu
+
+TORCH_LIBRARY(groupnorm_cpu, m) {
+  m.def(
+      "forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, int num_groups, "
+      "float eps, int activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor mean, Tensor rstd, int num_groups, int activation, bool[4] needs) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, int num_groups, "
+      "float eps, int activation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(groupnorm_cpu, CPU, m) {
+  m.impl("forward", &groupnorm_cpu::forward_cpu);
+  m.impl("backward", &groupnorm_cpu::backward_cpu);
+  m.impl("group_norm", &groupnorm_cpu::group_norm_cpu);
+}
+
+TORCH_LIBRARY_IMPL(groupnorm_cpu, Meta, m) {
+  m.impl("forward", &groupnorm_cpu::forward_meta);
+  m.impl("backward", &groupnorm_cpu::backward_meta);
+  m.impl("group_norm", &groupnorm_cpu::group_norm_meta);
+}
+
+TORCH_LIBRARY_IMPL(groupnorm_cpu, Autograd, m) {
+  m.impl("group_norm", &groupnorm_cpu::group_norm_autograd);
+}
