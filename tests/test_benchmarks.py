@@ -1,21 +1,34 @@
-"""Smoke test of benchmarks/bench_auto.py on one tiny shape: it runs, prints its table and writes JSON."""
+"""Smoke test of benchmarks/bench_cpu.py on tiny shapes: it runs, prints its tables and writes JSON."""
 import importlib.util
 import json
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_auto.py"
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
 
 
-def test_bench_auto_runs_on_a_tiny_ladder(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("bench_auto", BENCH)
+def test_bench_cpu_runs_on_tiny_shapes(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("bench_cpu", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    monkeypatch.setattr(bench, "LADDER", [(2, 32, 4, 4)])
-    monkeypatch.setattr(bench, "ITERS", (2, 2))
-    out = tmp_path / "auto.json"
-    assert bench.main(["--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
-    assert {(r["layout"], r["case"]) for r in rows} == {
-        (layout, case) for layout in ("nchw", "cl") for case in bench.CASES}
-    assert all(r["ratio"] > 0 and len(r["cpu_ms"]) == 2 for r in rows)
-    assert "smallest size" in capsys.readouterr().out
+    if bench.cpu.available() is not None:
+        pytest.skip(bench.cpu.available())
+    tiny = [("tiny", 1, 32, (4, 4)), ("tiny3d", 2, 64, (2, 3, 4))]
+    monkeypatch.setattr(bench, "QUICK_PLAIN", tiny)
+    monkeypatch.setattr(bench, "QUICK_FUSED", tiny[:1])
+    monkeypatch.setattr(bench, "ITERS", {"quick": (1, 2)})
+    monkeypatch.setattr(bench, "TINY_ITERS", {"quick": (1, 3)})
+    monkeypatch.setattr(bench, "COPY_ELEMS", 1 << 16)
+    monkeypatch.setattr(bench, "cache_sizes", lambda: (256, 1 << 16))   # "> L2" for the tiny ones
+    out = tmp_path / "cpu.json"
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    tables = {r["table"] for r in rows}
+    assert tables == {"plain fwd+bwd", "fused fwd", "fused fwd+bwd", "copy floor", "per call",
+                      "first call"}
+    plain = [r for r in rows if r["table"] == "plain fwd+bwd"]
+    assert {(r["shape"], r["layout"]) for r in plain} == {
+        (s, layout) for s in ("tiny", "tiny3d") for layout in ("nchw", "channels_last")}
+    assert all(r["speedup"] > 0 and len(r["ours_ms"]) == 2 == len(r["torch_ms"]) for r in plain)
+    assert "geomean" in capsys.readouterr().out

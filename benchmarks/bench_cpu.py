@@ -1,0 +1,332 @@
+"""CPU Group Norm: the C++ op (groupnorm.kernels.cpu) against torch, in one process.
+
+    python benchmarks/bench_cpu.py [--quick] [--threads 2] [--json OUT]
+
+Tables (float32, G = 32, medians):
+  1. plain forward + backward (dx, dweight, dbias) against torch's F.group_norm, NCHW and
+     channels_last, batch 1, 2 and 32: ResNet-50 stages, U-Net stages, 3D;
+  2. fused GN + SiLU + residual, forward and forward + backward, against the native composite
+     F.silu(F.group_norm(x) + r);
+  3. forward against the copy floor on inputs larger than L2: the least bytes a forward moves
+     (read x, write y) at the bandwidth of a large torch copy measured in this run, into a
+     preallocated output (copy_) and into a fresh one (clone: what an op that returns a new tensor
+     pays, page faults included);
+  4. per-call cost on a tiny input (2, 64, 8, 8): the op, the public groupnorm.functional path, torch;
+  5. the first call in a fresh process, beyond the call itself.
+
+Method: each side is warmed up, then timed call by call (time.perf_counter) on inputs rotated so that
+together they exceed the last-level cache, and the median is kept. Each pair is timed twice,
+interleaved (ours, torch, ours, torch): both medians are printed, their spread is the noise; the
+ratio uses their sums. Other processes on the machine show up as that spread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from groupnorm.kernels import build as cpu_build  # noqa: E402
+from groupnorm.kernels import cpu  # noqa: E402
+
+G = 32
+LLC_BYTES = 32 << 20       # replaced by the machine's own (sysfs) when it says
+L2_BYTES = 1 << 20
+# (name, C, spatial); batches per family below.
+RESNET = [("resnet s1", 256, (56, 56)), ("resnet s2", 512, (28, 28)),
+          ("resnet s3", 1024, (14, 14)), ("resnet s4", 2048, (7, 7))]
+UNET = [("unet 64", 320, (64, 64)), ("unet 32", 640, (32, 32)), ("unet 16", 1280, (16, 16)),
+        ("unet 128", 128, (128, 128))]
+VOLUME = [("3d 16x56x56", 64, (16, 56, 56)), ("3d 8x28x28", 256, (8, 28, 28))]
+PLAIN = ([(n, N, C, sp) for N in (1, 2, 32) for n, C, sp in RESNET]
+         + [(n, N, C, sp) for N in (1, 2) for n, C, sp in UNET + VOLUME])
+FUSED = [(n, N, C, sp) for N in (1, 2) for n, C, sp in UNET] + [(n, 2, C, sp) for n, C, sp in RESNET]
+QUICK_PLAIN = [(n, N, C, sp) for N in (1, 2) for n, C, sp in RESNET[:2] + UNET[:2] + VOLUME[:1]] \
+    + [("resnet s4", 32, 2048, (7, 7))]
+QUICK_FUSED = [(n, N, C, sp) for N in (1, 2) for n, C, sp in UNET[:2]]
+TINY = (2, 64, 8, 8)
+COPY_ELEMS = 64 << 20      # the large copy that measures bandwidth: 256 MiB of float32
+ITERS = {"full": (3, 15), "quick": (2, 7)}      # (warm-up calls, timed calls) per measurement
+TINY_ITERS = {"full": (200, 2000), "quick": (100, 500)}
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "op": cpu.available() or "loaded"}
+    stamp = cpu_build.read_stamp(cpu_build.build_dir(torch.__version__)) or {}
+    info["op_capability"] = stamp.get("capability")
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        keep = ("Model name", "CPU(s)", "Thread(s) per core", "L1d cache", "L2 cache", "L3 cache")
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in keep:
+                info[key.strip()] = value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        info["load average"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def cache_sizes():
+    """(L2 per core, last-level) bytes from sysfs, else the defaults."""
+    sizes = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in base.glob("index*"):
+        try:
+            level = int((idx / "level").read_text())
+            text = (idx / "size").read_text().strip()
+            sizes[level] = int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]]
+        except (OSError, ValueError, KeyError):
+            continue
+    return sizes.get(2, L2_BYTES), sizes.get(max(sizes) if sizes else 3, LLC_BYTES)
+
+
+def median_time(fn, inputs, warmup, iters) -> float:
+    """Median seconds of fn(inp) over `iters` calls, after `warmup`, inputs in rotation."""
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    times = []
+    for i in range(iters):
+        inp = inputs[i % len(inputs)]
+        t0 = time.perf_counter()
+        fn(inp)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved(ours, theirs, inputs, warmup, iters):
+    """([ours, ours], [theirs, theirs]) medians, timed ours, theirs, ours, theirs."""
+    a, b = [], []
+    for _ in range(2):
+        a.append(median_time(ours, inputs, warmup, iters))
+        b.append(median_time(theirs, inputs, warmup, iters))
+    return a, b
+
+
+def make_inputs(N, C, spatial, cl, residual, grad, llc):
+    """Enough independent input sets to exceed 2x the last-level cache (at most 8)."""
+    shape = (N, C, *spatial)
+    nbytes = 4 * math.prod(shape) * (2 + residual)
+    copies = max(1, min(8, math.ceil(2 * llc / nbytes)))
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)] if cl else \
+        torch.contiguous_format
+    sets = []
+    for _ in range(copies):
+        x = torch.randn(shape).contiguous(memory_format=fmt)
+        w, b = torch.randn(C) * 0.5 + 1, torch.randn(C) * 0.5
+        r = torch.randn(shape).contiguous(memory_format=fmt) if residual else None
+        dy = torch.randn(shape).contiguous(memory_format=fmt)
+        if grad:
+            x.requires_grad_()
+            w.requires_grad_()
+            b.requires_grad_()
+            if r is not None:
+                r.requires_grad_()
+        sets.append((x, w, b, r, dy))
+    return sets
+
+
+def fwd_bwd(f):
+    def run(inp):
+        x, w, b, r, dy = inp
+        wrt = (x, w, b) if r is None else (x, w, b, r)
+        torch.autograd.grad(f(x, w, b, r), wrt, dy)
+    return run
+
+
+def fwd(f):
+    def run(inp):
+        x, w, b, r, _ = inp
+        f(x, w, b, r)
+    return run
+
+
+def ours_plain(x, w, b, r):
+    return cpu.group_norm(x, G, w, b, 1e-5, None, None)
+
+
+def torch_plain(x, w, b, r):
+    return F.group_norm(x, G, w, b, 1e-5)
+
+
+def ours_fused(x, w, b, r):
+    return cpu.group_norm(x, G, w, b, 1e-5, "silu", r)
+
+
+def native_fused(x, w, b, r):
+    return F.silu(F.group_norm(x, G, w, b, 1e-5) + r)
+
+
+def geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def fmt_ms(pair):
+    return "/".join(f"{1e3 * t:.3f}" for t in pair)
+
+
+def row(kind, name, N, C, spatial, cl, ours, theirs, **extra):
+    return {"table": kind, "shape": name, "N": N, "C": C, "spatial": list(spatial),
+            "layout": "channels_last" if cl else "nchw", "ours_ms": [1e3 * t for t in ours],
+            "torch_ms": [1e3 * t for t in theirs], "speedup": sum(theirs) / sum(ours), **extra}
+
+
+def bench_pairs(kind, cases, ours, theirs, wrap, grad, residual, iters, llc, rows):
+    print(f"\n## {kind}   (ms: two interleaved medians each; speedup = torch / ours)")
+    print(f"{'shape':<14}{'N':>3} {'layout':<14}{'ours':>19}{'torch':>19}{'speedup':>9}")
+    for name, N, C, spatial in cases:
+        for cl in (False, True):
+            sets = make_inputs(N, C, spatial, cl, residual, grad, llc)
+            a, b = interleaved(wrap(ours), wrap(theirs), sets, *iters)
+            rows.append(row(kind, name, N, C, spatial, cl, a, b))
+            r = rows[-1]
+            print(f"{name:<14}{N:>3} {r['layout']:<14}{fmt_ms(a):>19}{fmt_ms(b):>19}"
+                  f"{r['speedup']:>8.2f}x", flush=True)
+            del sets
+    for layout in ("nchw", "channels_last"):
+        s = [r["speedup"] for r in rows if r["table"] == kind and r["layout"] == layout]
+        if s:
+            print(f"{kind} {layout}: geomean {geomean(s):.2f}x, min {min(s):.2f}x over {len(s)}")
+
+
+def copy_floor(cases, iters, l2, llc, rows):
+    """Forward time against the least bytes it moves at a large copy's bandwidth."""
+    big = torch.randn(COPY_ELEMS)
+    dst = torch.empty_like(big)
+    t_copy = statistics.median(
+        [_timed(lambda: dst.copy_(big)) for _ in range(2 + iters[1])][2:])
+    t_clone = statistics.median([_timed(lambda: big.clone()) for _ in range(2 + iters[1])][2:])
+    bw_copy, bw_clone = 2 * big.numel() * 4 / t_copy, 2 * big.numel() * 4 / t_clone
+    del big, dst
+    print(f"\n## forward vs the copy floor (inputs > L2 = {l2 >> 10} KiB): copy_ into a "
+          f"preallocated tensor {bw_copy / 1e9:.1f} GB/s, clone (fresh output) "
+          f"{bw_clone / 1e9:.1f} GB/s")
+    print(f"{'shape':<14}{'N':>3} {'layout':<14}{'ours ms':>16}{'floor ms':>10}"
+          f"{'of copy_':>10}{'of clone':>10}")
+    for name, N, C, spatial in cases:
+        nbytes = 4 * N * C * math.prod(spatial)
+        if nbytes <= l2:
+            continue
+        for cl in (False, True):
+            sets = make_inputs(N, C, spatial, cl, False, False, llc)
+            times = [median_time(fwd(ours_plain), sets, *iters) for _ in range(2)]
+            t = sum(times) / 2
+            floor = 2 * nbytes / bw_copy
+            rows.append({"table": "copy floor", "shape": name, "N": N, "C": C,
+                         "spatial": list(spatial), "layout": "channels_last" if cl else "nchw",
+                         "ours_ms": [1e3 * v for v in times], "floor_ms": 1e3 * floor,
+                         "of_copy": floor / t, "of_clone": 2 * nbytes / bw_clone / t})
+            r = rows[-1]
+            print(f"{name:<14}{N:>3} {r['layout']:<14}{fmt_ms(times):>16}{1e3 * floor:>10.3f}"
+                  f"{100 * r['of_copy']:>9.0f}%{100 * r['of_clone']:>9.0f}%", flush=True)
+            del sets
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def per_call(iters, rows):
+    """Per-call cost on a tiny input, single calls, microseconds."""
+    import groupnorm.functional as GF
+    x = torch.randn(TINY)
+    w, b = torch.randn(TINY[1]), torch.randn(TINY[1])
+    xg, wg, bg = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    dy = torch.randn(TINY)
+    sides = {
+        "op (cpu.group_norm)": lambda x, w, b: cpu.group_norm(x, G, w, b, 1e-5, None, None),
+        "public (groupnorm.functional)": lambda x, w, b: GF.group_norm(x, G, w, b, 1e-5),
+        "torch F.group_norm": lambda x, w, b: F.group_norm(x, G, w, b, 1e-5),
+    }
+    print(f"\n## per call on {TINY} (us, two medians of {iters[1]} calls)")
+    print(f"{'path':<32}{'forward':>16}{'fwd+bwd':>16}")
+    for name, f in sides.items():
+        tf = [median_time(lambda _: f(x, w, b), [None], *iters) for _ in range(2)]
+        tb = [median_time(lambda _: torch.autograd.grad(f(xg, wg, bg), (xg, wg, bg), dy), [None],
+                          *iters) for _ in range(2)]
+        rows.append({"table": "per call", "path": name, "forward_us": [1e6 * t for t in tf],
+                     "fwd_bwd_us": [1e6 * t for t in tb]})
+        print(f"{name:<32}{'/'.join(f'{1e6 * t:.1f}' for t in tf):>16}"
+              f"{'/'.join(f'{1e6 * t:.1f}' for t in tb):>16}", flush=True)
+
+
+FIRST_CALL = """
+    import time
+    t0 = time.perf_counter()
+    import torch
+    import groupnorm.functional as GF
+    x = torch.randn(2, 64, 8, 8)
+    t1 = time.perf_counter()
+    GF.group_norm(x, 32)
+    t2 = time.perf_counter()
+    GF.group_norm(x, 32)
+    t3 = time.perf_counter()
+    print(t1 - t0, t2 - t1, t3 - t2)
+"""
+
+
+def first_call(rows):
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(FIRST_CALL)], capture_output=True,
+                         text=True, timeout=300)
+    if out.returncode:
+        print(f"\n## first call: the subprocess failed: {out.stderr.strip()[-300:]}")
+        return
+    imp, first, second = (float(v) for v in out.stdout.split()[-3:])
+    rows.append({"table": "first call", "import_s": imp, "first_s": first, "second_s": second,
+                 "beyond_s": first - second})
+    print(f"\n## first call in a fresh process: import {imp:.2f} s, first call {1e3 * first:.1f} "
+          f"ms, second {1e3 * second:.3f} ms: {1e3 * (first - second):.1f} ms beyond the call")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and calls (~2 min)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", metavar="OUT", help="write every row as JSON")
+    args = parser.parse_args(argv)
+    if cpu.available() is not None:
+        print(f"bench_cpu: {cpu.available()}", file=sys.stderr)
+        return 1
+    torch.set_num_threads(args.threads)
+    mode = "quick" if args.quick else "full"
+    iters = ITERS[mode]
+    l2, llc = cache_sizes()
+    info = machine()
+    print("# CPU Group Norm benchmark (float32, G = 32)")
+    for k, v in info.items():
+        print(f"- {k}: {v}")
+    rows = []
+    plain = QUICK_PLAIN if args.quick else PLAIN
+    fused = QUICK_FUSED if args.quick else FUSED
+    bench_pairs("plain fwd+bwd", plain, ours_plain, torch_plain, fwd_bwd, True, False, iters, llc,
+                rows)
+    bench_pairs("fused fwd", fused, ours_fused, native_fused, fwd, False, True, iters, llc, rows)
+    bench_pairs("fused fwd+bwd", fused, ours_fused, native_fused, fwd_bwd, True, True, iters, llc,
+                rows)
+    copy_floor(plain, iters, l2, llc, rows)
+    per_call(TINY_ITERS[mode], rows)
+    first_call(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
