@@ -60,11 +60,12 @@ def study_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    from .files import StudyFileError
     from .report import make_report
 
     try:
         path = make_report(args.dir)
-    except FileNotFoundError as exc:
+    except (StudyFileError, FileNotFoundError) as exc:  # a missing or malformed study file, named
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"report: {path}")

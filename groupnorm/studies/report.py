@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import figures
-from .findings import all_findings
-from .results import Point, StudyData, paper_results
+from .findings import all_findings, criteria
+from .results import Point, StudyData, difference, paper_results
 
 NORM_NAMES = {"bn": "BN", "gn": "GN", "brn": "BR", "ln": "LN", "in": "IN", "gn+ws": "GN+WS", "none": "no norm"}
 
@@ -21,6 +21,19 @@ def _cell(p: Point | None) -> str:
 
 def _num(x) -> str:
     return "—" if x is None else f"{x:.1f}"
+
+
+def _mean(p: Point | None, key: str) -> str:
+    value = None if p is None else p.column_mean(key)
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _paired_cell(a: Point | None, b: Point | None) -> str:
+    """a − b seed by seed: "+1.23 ± 0.20" (mean ± standard error; the seeds' count in the header)."""
+    d = difference(a, b)
+    if d is None:
+        return "—"
+    return f"{d.mean:+.2f}" if d.n < 2 else f"{d.mean:+.2f} ± {d.se:.2f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -56,14 +69,16 @@ def batch_section(data: StudyData, paper: dict, out: Path) -> list[str]:
     rows = []
     for n in sizes:
         bn, gn = data.point("batch", norm="bn", images_per_worker=n), data.point("batch", norm="gn", images_per_worker=n)
-        diff = f"{gn.mean - bn.mean:+.2f}" if bn and gn else "—"
         i = t2["images_per_worker"].index(n) if n in t2["images_per_worker"] else None
         pb, pg = (t2["BN"][i], t2["GN"][i]) if i is not None else (None, None)
-        pdiff = f"{pg - pb:+.1f}" if i is not None else "—"
-        rows.append([str(n), _cell(bn), _cell(gn), diff, _num(pb), _num(pg), pdiff])
+        pdiff = f"{pb - pg:+.1f}" if i is not None else "—"
+        rows.append([str(n), _cell(bn), _cell(gn), _paired_cell(bn, gn), _num(pb), _num(pg), pdiff])
     model = ", ".join(sorted({r["model"] for r in data.select("batch")}))
-    lines += [f"Validation error (%), {model}, mean ± seed spread; the paper: ImageNet, ResNet-50.", ""]
-    lines += _table(["images / worker", "BN", "GN", "GN − BN", "paper BN", "paper GN", "paper GN − BN"], rows)
+    lines += [f"Validation error (%), {model}, mean ± seed spread; BN − GN seed by seed, mean ± standard "
+              f"error; the paper: ImageNet, ResNet-50.", ""]
+    lines += _table(["images / worker", "BN", "GN", "BN − GN (paired)", "paper BN", "paper GN", "paper BN − GN"],
+                    rows)
+    lines += _diagnostics(data, "batch", sizes, t2)
     br = data.point("batch", norm="brn", images_per_worker=4)
     if br is not None:
         pbr = paper["batch_renorm_batch4"]
@@ -78,6 +93,32 @@ def batch_section(data: StudyData, paper: dict, out: Path) -> list[str]:
                                "Figure 5: validation error curves per batch size")):
         lines += _figure(fn(data, out / name), name, caption)
     return lines + [""]
+
+
+def _diagnostics(data: StudyData, study: str, sizes: list, paper_table: dict | None) -> list[str]:
+    """BN's evaluation diagnostics (``groupnorm.train.diagnostics``), means over seeds, beside GN's
+    train error and the paper's numbers."""
+    bns = {n: data.point(study, norm="bn", images_per_worker=n) for n in sizes}
+    if not any(p is not None and p.column_mean("val_error_precise") is not None for p in bns.values()):
+        return []
+    rows = []
+    for n in sizes:
+        bn, gn = bns[n], data.point(study, norm="gn", images_per_worker=n)
+        ref = paper_table or {}
+        i = ref["images_per_worker"].index(n) if n in ref.get("images_per_worker", []) else None
+        rows.append([str(n), _mean(bn, "val_error"), _mean(bn, "val_error_running"), _mean(bn, "val_error_precise"),
+                     _mean(bn, "val_error_batch"), _mean(bn, "train_error_eval"), _mean(bn, "train_error_precise"),
+                     _mean(gn, "val_error"), _mean(gn, "train_error_eval"),
+                     _num(ref["BN"][i]) if i is not None else "—", _num(ref["GN"][i]) if i is not None else "—"])
+    return ["", "BN's evaluation diagnostics after training (weights frozen; % error, mean over seeds): "
+                "*reported* is the run's error (median of its last 5 epochs); *running*: the final model "
+                "with its running statistics; *precise*: with population statistics recomputed on training "
+                "images; *batch*: each group of N test images normalized by its own statistics, as in "
+                "training; *train*: training images in eval mode (running / precise statistics). Running "
+                "above precise is the noise of the running statistics; precise above GN, and BN's train "
+                "error above GN's, is what training with noisy batch statistics cost.", "",
+            *_table(["images / worker", "BN reported", "BN running", "BN precise", "BN batch", "BN train",
+                     "BN train precise", "GN reported", "GN train", "paper BN", "paper GN"], rows)]
 
 
 def norms_section(data: StudyData, paper: dict, out: Path) -> list[str]:
@@ -140,13 +181,19 @@ def depth_section(data: StudyData, paper: dict, out: Path) -> list[str]:
     lines = ["## A deeper ResNet (the paper's ResNet-101)", "", _setup(data, "depth"), ""]
     r101 = paper["resnet101"]
     rows = []
-    for n in sorted(data.values("depth", "images_per_worker"), reverse=True):
+    sizes = sorted(data.values("depth", "images_per_worker"), reverse=True)
+    for n in sizes:
         ref = r101.get(f"batch{n}", {})
-        rows.append([str(n), _cell(data.point("depth", norm="bn", images_per_worker=n)),
-                     _cell(data.point("depth", norm="gn", images_per_worker=n)), _num(ref.get("BN")), _num(ref.get("GN"))])
+        bn, gn = data.point("depth", norm="bn", images_per_worker=n), data.point("depth", norm="gn", images_per_worker=n)
+        rows.append([str(n), _cell(bn), _cell(gn), _paired_cell(bn, gn), _num(ref.get("BN")), _num(ref.get("GN"))])
     model = ", ".join(sorted({r["model"] for r in data.select("depth")}))
-    lines += [f"Validation error (%), {model}; the paper: ResNet-101 on ImageNet.", ""]
-    lines += _table(["images / worker", "BN", "GN", "paper BN", "paper GN"], rows)
+    lines += [f"Validation error (%), {model}; BN − GN seed by seed, mean ± standard error; the paper: "
+              f"ResNet-101 on ImageNet.", ""]
+    lines += _table(["images / worker", "BN", "GN", "BN − GN (paired)", "paper BN", "paper GN"], rows)
+    paper_rows = {"images_per_worker": [n for n in sizes if f"batch{n}" in r101],
+                  "BN": [r101[f"batch{n}"]["BN"] for n in sizes if f"batch{n}" in r101],
+                  "GN": [r101[f"batch{n}"]["GN"] for n in sizes if f"batch{n}" in r101]}
+    lines += _diagnostics(data, "depth", sizes, paper_rows)
     return lines + [""]
 
 
@@ -166,7 +213,12 @@ def make_report(out: str | Path) -> Path:
              f"studies: {', '.join(data.studies())}. Errors are top-1 validation errors (%), the median of "
              f"each run's last 5 epochs (the paper's metric), as mean ± seed spread (sample standard "
              f"deviation over seeds). Paper numbers: {paper['source']}", "",
-             "## Findings", ""]
+             "## Criteria", "",
+             "Fixed in `groupnorm/studies/findings.py` before any result was seen. Runs of one seed share "
+             "their data order and initial weights, so comparisons are made seed by seed: the mean of the "
+             "per-seed differences, their standard deviation (sd), the number of seeds (n) and the standard "
+             "error SE = sd / √n.", ""]
+    lines += criteria() + ["", "## Findings", ""]
     lines += [f.markdown() for f in all_findings(data)] + [""]
     for study in ("batch", "norms", "groups", "features", "depth"):
         if study in data.studies():

@@ -25,10 +25,10 @@ import time
 import traceback
 from pathlib import Path
 
+from .files import SUMMARY_COLUMNS, StudyFileError, load_plan, read_summary
+from .files import read_result as _read_result_file
 from .specs import Preset, RunSpec, expand, get_preset, study_notes
 
-SUMMARY_COLUMNS = ["study", "model", "norm", "groups", "group_size", "workers", "images_per_worker", "seed",
-                   "val_error", "train_error", "epochs", "seconds", "run"]
 # Config keys that may differ between a finished run and a new plan without changing its numbers.
 _FREE_KEYS = {"out", "threads", "resume", "progress", "data_dir", "device", "eval_batch_size", "tensorboard",
               "backend", "loader_workers", "launcher"}
@@ -59,20 +59,31 @@ def run_status(out: str | os.PathLike, spec: RunSpec) -> str:
 
 
 def read_result(out: str | os.PathLike, name: str) -> dict | None:
+    """DIR/<name>/result.json, checked (``files.read_result``), or None when the run has not finished."""
     path = Path(out) / name / "result.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    return _read_result_file(path)
+
+
+_MISSING = "(not set)"
 
 
 def _check_finished(out: Path, spec: RunSpec) -> None:
-    """A finished run must have been trained with the planned settings, or the study would mix them."""
+    """A finished run must have been trained with the planned settings, or the study would mix them:
+    every Config field that changes results (defaults included) must match."""
+    from groupnorm.train import Config
+
     result = read_result(out, spec.name) or {}
-    old = result.get("config", {})
-    diff = [k for k, v in spec.config.items() if k not in _FREE_KEYS and k in old and old[k] != v]
+    old = result.get("config")
+    if not isinstance(old, dict):
+        raise StudyFileError(f"{out / spec.name / 'result.json'} has no config; delete that run's directory "
+                             f"to retrain it")
+    planned = Config(**spec.config).to_dict()
+    diff = [k for k, v in planned.items() if k not in _FREE_KEYS and old.get(k, _MISSING) != v]
     if diff:
         raise ValueError(f"{out / spec.name} was trained with other settings ("
-                         + ", ".join(f"{k}: {old[k]!r} there, {spec.config[k]!r} planned" for k in diff)
+                         + ", ".join(f"{k}: {old.get(k, _MISSING)!r} there, {planned[k]!r} planned" for k in diff)
                          + "); use another --out directory, or delete that run to retrain it")
 
 
@@ -81,16 +92,15 @@ def _spec_dict(spec: RunSpec) -> dict:
     return dataclasses.asdict(spec)
 
 
-def load_plan(out: str | os.PathLike) -> dict:
-    """DIR/plan.json: {"presets": {study: preset}, "notes": {study: [...]}, "runs": [RunSpec dicts]}."""
-    path = Path(out) / "plan.json"
-    if not path.exists():
-        return {"presets": {}, "notes": {}, "runs": []}
-    return json.loads(path.read_text())
-
-
 def planned_specs(out: str | os.PathLike) -> list[RunSpec]:
-    return [RunSpec(**r) for r in load_plan(out)["runs"]]
+    specs = []
+    for i, r in enumerate(load_plan(out)["runs"]):
+        try:
+            specs.append(RunSpec(**r))
+        except TypeError:
+            raise StudyFileError(f"{Path(out) / 'plan.json'}: runs[{i}] does not have a planned run's fields; "
+                                 f"delete plan.json and rerun the study command to rewrite it") from None
+    return specs
 
 
 def save_plan(out: Path, studies: list[str], preset: Preset, specs: list[RunSpec]) -> None:
@@ -115,8 +125,12 @@ def summary_rows(out: str | os.PathLike, specs: list[RunSpec] | None = None) -> 
         result = read_result(out, spec.name)
         if result is None:
             continue
+        diag = result.get("diagnostics", {})
         rows.append({**spec.row(), "val_error": result["val_error"], "train_error": result["train_error"],
-                     "epochs": result["epochs"], "seconds": result["seconds"], "run": spec.name})
+                     "epochs": result["epochs"], "seconds": result["seconds"], "run": spec.name,
+                     "train_error_eval": diag.get("train_error"),
+                     **{k: diag.get(k) for k in ("val_error_running", "val_error_precise", "val_error_batch",
+                                                 "train_error_precise")}})
     return rows
 
 
@@ -132,27 +146,6 @@ def write_summary(out: str | os.PathLike) -> Path:
             writer.writerow({k: ("" if row[k] is None else row[k]) for k in SUMMARY_COLUMNS})
     os.replace(tmp, path)
     return path
-
-
-def read_summary(out: str | os.PathLike) -> list[dict]:
-    """DIR/summary.csv with numbers parsed (empty cells -> None)."""
-    ints = {"groups", "group_size", "workers", "images_per_worker", "seed", "epochs"}
-    floats = {"val_error", "train_error", "seconds"}
-    rows = []
-    with open(Path(out) / "summary.csv", newline="") as f:
-        for raw in csv.DictReader(f):
-            row = {}
-            for k, v in raw.items():
-                if v in ("", None):
-                    row[k] = None
-                elif k in ints:
-                    row[k] = int(v)
-                elif k in floats:
-                    row[k] = float(v)
-                else:
-                    row[k] = v
-            rows.append(row)
-    return rows
 
 
 # ---- training one run (in this process or in a worker process) -----------------------------------------
