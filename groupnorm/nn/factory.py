@@ -62,6 +62,14 @@ class NormSpec:
     def __post_init__(self):
         kind = _kind(self.kind)
         object.__setattr__(self, "kind", kind)
+        for name in ("num_groups", "group_size", "images_per_worker"):
+            value = getattr(self, name)
+            if value is None and name != "num_groups":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"NormSpec: {name} must be an int >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"NormSpec: {name} must be >= 1, got {value}")
         if self.group_size is not None and kind != "gn":
             raise ValueError(f"NormSpec: group_size applies to 'gn' only, got kind {kind!r}")
         if self.images_per_worker is not None and kind not in ("bn", "brn"):
@@ -69,8 +77,13 @@ class NormSpec:
                              f"got kind {kind!r}")
 
     @classmethod
-    def parse(cls, text: str) -> "NormSpec":
-        """'gn', 'gn:32' (32 groups), 'gn/16' (16 channels per group), 'bn@4' (4 images per worker)."""
+    def parse(cls, text: str, *, num_groups: int = 32, group_size: int | None = None) -> "NormSpec":
+        """'gn', 'gn:32' (32 groups), 'gn/16' (16 channels per group), 'bn@4' (4 images per worker).
+
+        The one reader of spec strings (models, the training engine and convert_norm all call it):
+        case and spaces around the parts do not matter ("BN @ 4" is "bn@4"). A bare "gn" takes
+        ``num_groups`` (or ``group_size`` when given) as its G; a number in the text wins.
+        """
         match = _SPEC_RE.match(text) if isinstance(text, str) else None
         if match is None:
             raise ValueError(f"cannot parse normalization spec {text!r}; expected KIND, 'gn:G', "
@@ -78,6 +91,8 @@ class NormSpec:
                              f"{', '.join(KINDS)}")
         kind, sep, number = _kind(match.group(1)), match.group(2), match.group(3)
         if sep is None:
+            if kind == "gn":
+                return cls(kind, num_groups=num_groups, group_size=group_size)
             return cls(kind)
         value = int(number)
         if sep in ":/" and kind != "gn":

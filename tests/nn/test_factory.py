@@ -68,3 +68,40 @@ def test_specs_build_the_right_layers():
 def test_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ---- NormSpec is the one parser of norm specs (issue 15, item 15) -----------------------------------
+@pytest.mark.parametrize("text,spec", [
+    ("bn @ 32", NormSpec("bn", images_per_worker=32)), (" gn : 16 ", NormSpec("gn", num_groups=16)),
+    ("gn / 8", NormSpec("gn", group_size=8)), ("BRN@4", NormSpec("brn", images_per_worker=4)),
+])
+def test_spaces_and_case_are_read_one_way(text, spec):
+    assert NormSpec.parse(text) == spec
+    assert str(NormSpec.parse(text)) == str(spec)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("gn:0", "num_groups must be >= 1, got 0"), ("gn/0", "group_size must be >= 1, got 0"),
+    ("bn@0", "images_per_worker must be >= 1, got 0"), ("bn@", "cannot parse"), ("gn:-2", "cannot parse"),
+    ("gn:1.5", "cannot parse"), ("", "cannot parse"),
+])
+def test_bad_numbers_are_refused_at_parse_time(text, match):
+    with pytest.raises(ValueError, match=match):
+        NormSpec.parse(text)
+
+
+def test_spec_fields_are_checked():
+    for kwargs in ({"num_groups": 0}, {"num_groups": True}, {"num_groups": 2.0}, {"group_size": -1}):
+        with pytest.raises(ValueError, match="must be"):
+            NormSpec("gn", **kwargs)
+    with pytest.raises(ValueError, match="images_per_worker must be >= 1"):
+        NormSpec("bn", images_per_worker=0)
+
+
+def test_bare_gn_takes_the_callers_default_groups():
+    """convert_norm(model, "gn", num_groups=16): a bare "gn" takes the caller's G, "gn:8" keeps 8."""
+    assert NormSpec.parse("gn", num_groups=16) == NormSpec("gn", num_groups=16)
+    assert NormSpec.parse(" gn ", group_size=4) == NormSpec("gn", group_size=4)
+    assert NormSpec.parse("gn:8", num_groups=16) == NormSpec("gn", num_groups=8)
+    assert NormSpec.parse("gn/2", num_groups=16) == NormSpec("gn", group_size=2)
+    assert NormSpec.parse("bn", num_groups=16) == NormSpec("bn")
