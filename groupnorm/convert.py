@@ -14,6 +14,12 @@ have none. Convolutions are not touched, so a channels_last model stays channels
 GN needs C divisible by G. When it is not, the largest divisor of C not above G is used and the report
 says so (e.g. C=24, G=32 -> G=24; C=40, G=32 -> G=20); ``strict=True`` raises instead.
 
+A ``BatchNorm1d`` may normalize (N, C) features (after a Linear layer), where a group holds only its
+C/G values of one sample: with C/G = 1 every output is beta, with C/G = 2 every value becomes -1 or
++1. Such a layer is broken, so a BatchNorm1d whose new groups would hold 2 channels or fewer (GN with
+small groups, IN) is kept as it is, and listed in ``report.kept`` with the reason;
+``allow_tiny_groups=True`` converts it anyway (for BatchNorm1d layers known to see (N, C, L) inputs).
+
 ``to_torch_native`` swaps our modules for stock ones (``torch.nn.GroupNorm`` + a separate activation,
 ``torch.nn.Conv2d`` with the standardized weight) so TorchScript, ``torch.export`` and ONNX see only
 layers they know.
@@ -41,11 +47,13 @@ class Change(NamedTuple):
 
 
 class ConversionReport:
-    """What ``convert_norm`` changed: a list of ``Change`` (path, old type, new type, C, G, note)."""
+    """What ``convert_norm`` changed: a list of ``Change`` (path, old type, new type, C, G, note), and
+    ``kept``: the batch norms left as they were, each with the reason in its note."""
 
-    def __init__(self, changes: list[Change], target: str):
+    def __init__(self, changes: list[Change], target: str, kept: list[Change] = ()):
         self.changes = list(changes)
         self.target = target
+        self.kept = list(kept)
 
     def __iter__(self):
         return iter(self.changes)
@@ -63,19 +71,21 @@ class ConversionReport:
 
     def __str__(self) -> str:
         head = (f"convert_norm -> {self.target}: {len(self)} layer(s) replaced, "
-                f"{len(self.notes)} with notes")
-        if not self.changes:
+                f"{len(self.notes)} with notes" + (f", {len(self.kept)} kept" if self.kept else ""))
+        if not self.changes and not self.kept:
             return head
         rows = [("module", "old", "new", "C", "G", "note")]
-        rows += [(c.path, c.old_type, c.new_type, str(c.channels), "-" if c.groups is None else str(c.groups),
-                  c.note) for c in self.changes]
+        rows += [(c.path, c.old_type, new, str(c.channels), "-" if c.groups is None else str(c.groups),
+                  c.note) for changes, kept in ((self.changes, False), (self.kept, True)) for c in changes
+                 for new in ["(kept)" if kept else c.new_type]]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(r[i].ljust(widths[i]) for i in range(5)) + ("  " + r[5] if r[5] else "")
                  for r in rows]
         return "\n".join([head, *(line.rstrip() for line in lines)])
 
     def __repr__(self) -> str:
-        return f"ConversionReport(target={self.target!r}, changes={len(self)}, notes={len(self.notes)})"
+        kept = f", kept={len(self.kept)}" if self.kept else ""
+        return f"ConversionReport(target={self.target!r}, changes={len(self)}, notes={len(self.notes)}{kept})"
 
 
 def batch_norm_types() -> tuple[type, ...]:
@@ -127,16 +137,37 @@ def resolve_groups(channels: int, num_groups: int | None = 32, group_size: int |
 
 
 def _target(to, num_groups, group_size) -> NormSpec:
-    """The target as a NormSpec. Groups written in ``to`` ("gn:16", "gn/16" or a NormSpec) win over
-    the num_groups / group_size arguments."""
+    """The target as a NormSpec (read by NormSpec.parse, the one parser of spec strings). Groups
+    written in ``to`` ("gn:16", "gn/16" or a NormSpec) win over the num_groups / group_size arguments."""
     if isinstance(to, NormSpec):
         return to
     if not isinstance(to, str):
         raise TypeError(f"convert_norm: to must be a norm spec string or a NormSpec, got {type(to).__name__}")
-    spec = NormSpec.parse(to)
-    if spec.kind == "gn" and not any(c in to for c in ":/"):
-        spec = NormSpec("gn", num_groups=num_groups, group_size=group_size)
-    return spec
+    return NormSpec.parse(to, num_groups=num_groups, group_size=group_size)
+
+
+# BatchNorm1d (and its lazy form, before it becomes one) accepts (N, C) features.
+_FEATURE_NORMS = (nn.BatchNorm1d, nn.LazyBatchNorm1d)
+TINY_GROUP = 2  # channels per group at or below which GN over (N, C) features is broken
+
+
+def _channels_per_group(C: int, spec: NormSpec, strict: bool, path: str) -> int | None:
+    """C / G of the new layer for GN, LN and IN targets; None for the others."""
+    if spec.kind == "gn":
+        return C // resolve_groups(C, spec.num_groups, spec.group_size, strict=strict, where=path)[0]
+    return {"ln": C, "in": 1}.get(spec.kind)
+
+
+def _tiny_groups(old: nn.Module, spec: NormSpec, strict: bool, path: str) -> str:
+    """The reason to keep ``old`` (a BatchNorm1d whose groups would hold <= 2 channels), or ""."""
+    if not isinstance(old, _FEATURE_NORMS):
+        return ""
+    per = _channels_per_group(_channels(old), spec, strict, path)
+    if per is None or per > TINY_GROUP:
+        return ""
+    return (f"kept: {spec} would leave {per} channel(s) per group, and over (N, C) features a group of "
+            f"{per} value(s) normalizes to {'beta' if per == 1 else '+-1'}; use groups of >= "
+            f"{TINY_GROUP + 1} channels, or allow_tiny_groups=True if this layer sees (N, C, L) inputs")
 
 
 def _channels(module: nn.Module) -> int:
@@ -192,19 +223,28 @@ def _replacement(old: nn.Module, spec: NormSpec, strict: bool, options: dict, pa
     _copy_running_stats(old, new)
     if isinstance(old_weight, torch.Tensor) and not isinstance(old_weight, nn.Parameter) and kind != "none":
         notes.append("frozen batch norm: gamma/beta are now trainable")
+    if isinstance(old, _FEATURE_NORMS) and groups is not None and C // groups <= TINY_GROUP:
+        notes.append(f"{C // groups} channels per group (allow_tiny_groups): broken over (N, C) features")
+    if isinstance(new, gnn.BatchNorm):  # to_torch_native gives back the BatchNorm of this rank
+        new.input_rank = getattr(old, "input_rank", None) or _RANKS.get(type(old).__name__)
     if kind == "none":
         notes.append("normalization removed")
     new.train(old.training)
     return new, groups, "; ".join(notes)
 
 
+_RANKS = {"BatchNorm1d": 3, "BatchNorm2d": 4, "BatchNorm3d": 5, "FrozenBatchNorm2d": 4}
+
+
 def convert_norm(model: nn.Module, to="gn", num_groups: int = 32, group_size: int | None = None,
-                 strict: bool = False, **norm_options) -> ConversionReport:
+                 strict: bool = False, allow_tiny_groups: bool = False, **norm_options) -> ConversionReport:
     """Replace every batch norm of ``model`` (in place) by the ``to`` norm; return the report.
 
     to: a make_norm spec ("gn", "gn:16", "gn/16", "ln", "in", "bn@4", "brn@4", "none", a NormSpec);
     num_groups / group_size: G or channels per group for "gn" (ignored when ``to`` names them);
     strict: raise when C is not divisible as asked instead of using the largest divisor of C not above G;
+    allow_tiny_groups: also convert a BatchNorm1d whose groups would hold <= 2 channels (kept by
+    default, and listed in ``report.kept``: broken over (N, C) features; see the module docstring);
     norm_options: passed to make_norm (eps, affine, activation, ...); by default eps and affine follow
     the old layer. A layer used at several places is replaced by one shared new layer.
     """
@@ -215,21 +255,30 @@ def convert_norm(model: nn.Module, to="gn", num_groups: int = 32, group_size: in
                         f"{type(model).__name__}; wrap it (e.g. nn.Sequential(layer)) first")
     found = [(path, m) for path, m in model.named_modules(remove_duplicate=False) if isinstance(m, types)]
     # Build every new layer before touching the model, so that an error (strict=True) leaves it intact.
-    done: dict[int, tuple[nn.Module, Change]] = {}
-    plan = []
+    done: dict[int, tuple[nn.Module | None, Change]] = {}
+    plan, kept = [], []
     for path, old in found:
         if id(old) in done:
             new, first = done[id(old)]
-            change = first._replace(path=path, note=f"same layer as {first.path}")
+            change = first._replace(path=path, note=f"same layer as {first.path}"
+                                    + (f"; {first.note}" if new is None else ""))
         else:
-            new, groups, note = _replacement(old, spec, strict, norm_options, path)
-            change = Change(path, type(old).__name__, type(new).__name__, _channels(old), groups, note)
+            reason = "" if allow_tiny_groups else _tiny_groups(old, spec, strict, path)
+            if reason:
+                new = None
+                change = Change(path, type(old).__name__, type(old).__name__, _channels(old), None, reason)
+            else:
+                new, groups, note = _replacement(old, spec, strict, norm_options, path)
+                change = Change(path, type(old).__name__, type(new).__name__, _channels(old), groups, note)
             done[id(old)] = (new, change)
-        plan.append((path, new, change))
+        if new is None:
+            kept.append(change)
+        else:
+            plan.append((path, new, change))
     for path, new, _ in plan:
         parent_path, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, new)
-    return ConversionReport([change for _, _, change in plan], str(spec))
+    return ConversionReport([change for _, _, change in plan], str(spec), kept)
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}  # nn.GELU(): the exact erf form
@@ -262,11 +311,20 @@ def _native_conv(m: nn.modules.conv._ConvNd) -> nn.Module:
     return new
 
 
-def _native_batch_norm(m: gnn.BatchNorm) -> nn.Module:
-    """torch.nn.BatchNorm2d with m's values and running statistics (equal to m in eval mode)."""
+_NATIVE_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+def _native_batch_norm(m: gnn.BatchNorm, default_rank: int, path: str = "") -> nn.Module:
+    """torch.nn.BatchNorm1d/2d/3d with m's values and running statistics (equal to m in eval mode):
+    the class of the rank of m's inputs (the last forward's, or the layer convert_norm replaced),
+    else of ``default_rank``."""
+    rank = getattr(m, "input_rank", None) or default_rank
+    if rank not in _NATIVE_BN:
+        raise ValueError(f"{path or type(m).__name__}: no torch BatchNorm for inputs of rank {rank} "
+                         f"(BatchNorm1d/2d/3d take ranks 2 to 5)")
     ref = _first_tensor(m)
-    new = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
-                         **({} if ref is None else {"device": ref.device, "dtype": ref.dtype}))
+    new = _NATIVE_BN[rank](m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                           **({} if ref is None else {"device": ref.device, "dtype": ref.dtype}))
     _copy_affine(m, new)
     _copy_running_stats(m, new)
     new.train(m.training)
@@ -296,15 +354,22 @@ def _copy_running_stats(src_module: nn.Module, dst_module: nn.Module) -> None:
 _OURS = (gnn.GroupNorm, gnn.WSConv1d, gnn.WSConv2d, gnn.WSConv3d, gnn.BatchNorm)
 
 
-def _native(module: nn.Module) -> nn.Module | None:
+def _native(module: nn.Module, default_rank: int = 4, path: str = "") -> nn.Module | None:
     """The stock replacement of one of our modules (None for any other module)."""
     if isinstance(module, gnn.GroupNorm):  # LayerNorm and InstanceNorm are GroupNorms
         return _native_group_norm(module)
     if isinstance(module, (gnn.WSConv1d, gnn.WSConv2d, gnn.WSConv3d)):
         return _native_conv(module)
     if isinstance(module, gnn.BatchNorm):  # BatchRenorm is a BatchNorm
-        return _native_batch_norm(module)
+        return _native_batch_norm(module, default_rank, path)
     return None
+
+
+def _conv_rank(model: nn.Module) -> int:
+    """The input rank of the model's convolutions when they all agree (Conv1d: 3, Conv2d: 4,
+    Conv3d: 5), else 4: the rank assumed for a BatchNorm that never ran."""
+    ranks = {len(m.kernel_size) + 2 for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    return ranks.pop() if len(ranks) == 1 else 4
 
 
 def to_torch_native(model: nn.Module) -> nn.Module:
@@ -317,17 +382,21 @@ def to_torch_native(model: nn.Module) -> nn.Module:
       layer with ``residual=`` cannot be swapped; our models never do.)
     * WSConv1d/2d/3d -> ``nn.Conv1d/2d/3d`` holding the standardized weight: the same function, but the
       weight is frozen standardized (for inference and export, not for further training).
-    * BatchNorm / BatchRenorm -> ``nn.BatchNorm2d`` with the running statistics: the same function in
-      eval mode (per-worker statistics and renormalization are training-time behaviour).
+    * BatchNorm / BatchRenorm -> ``nn.BatchNorm1d/2d/3d`` with the running statistics: the same
+      function in eval mode (per-worker statistics and renormalization are training-time behaviour).
+      The class follows the rank of the layer's inputs: those of its last forward, else the torch
+      layer ``convert_norm`` made it from, else the model's convolutions (all Conv1d: BatchNorm1d,
+      all Conv3d: BatchNorm3d), else BatchNorm2d.
     Device, dtype, train/eval mode and requires_grad are kept.
     """
     if isinstance(model, _OURS):
         return _native(model)
     found = [(path, m) for path, m in model.named_modules(remove_duplicate=False) if isinstance(m, _OURS)]
+    default_rank = _conv_rank(model)
     done: dict[int, nn.Module] = {}
     for path, old in found:
         if id(old) not in done:
-            done[id(old)] = _native(old)
+            done[id(old)] = _native(old, default_rank, path)
         parent_path, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, done[id(old)])
     return model

@@ -132,7 +132,7 @@ def test_every_batch_norm_type_is_replaced():
         "renorm": gnn.BatchRenorm(32), "inner": nn.Sequential(nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32)),
         "gn": nn.GroupNorm(4, 32), "ln": nn.LayerNorm(32),  # already not batch norms: untouched
     })
-    report = convert_norm(model, "gn")
+    report = convert_norm(model, "gn:8")  # 4 channels per group: BatchNorm1d is converted too (see below)
     assert sorted(c.path for c in report) == ["bn1d", "bn2d", "bn3d", "inner.1", "ours", "renorm", "sync"]
     assert not batch_norms(model)
     assert type(model["gn"]) is nn.GroupNorm and type(model["ln"]) is nn.LayerNorm
@@ -281,3 +281,111 @@ def test_torchscript_trace_and_script_of_converted_resnet():
         torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
         scripted = torch.jit.script(model)
         torch.testing.assert_close(scripted(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- BatchNorm1d over (N, C) features (issue 15, item 3) -------------------------------------------------
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 64, bias=False), nn.BatchNorm1d(64), nn.ReLU(),
+                         nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def test_gn_of_one_or_two_channels_per_group_over_features_is_broken():
+    """Why the rule exists: over (N, C) each group holds C/G values only; with 1 every output is the
+    bias, with 2 every value becomes -1 or +1 (times gamma, plus beta)."""
+    x = torch.randn(8, 64) * 3 + 1
+    assert torch.equal(gnn.GroupNorm(64, 64, affine=False)(x), torch.zeros_like(x))
+    y = gnn.GroupNorm(32, 64, affine=False)(x).abs()
+    assert (y <= 1).all() and (y - 1).abs().median() < 1e-3  # +-1 up to eps, for pairs far apart
+
+
+@pytest.mark.parametrize("to, kept", [("gn", 2), ("gn:32", 2), ("gn/2", 2), ("gn/1", 2), ("in", 2),
+                                      ("gn:16", 1), ("gn:8", 0), ("ln", 0), ("bn@2", 0), ("none", 0)])
+def test_batch_norm_1d_is_kept_where_groups_would_hold_two_channels_or_fewer(to, kept):
+    model = mlp()
+    report = convert_norm(model, to)
+    assert len(report.kept) == kept and len(report) == 2 - kept
+    assert sum(type(m) is nn.BatchNorm1d for m in model) == kept
+    for change in report.kept:
+        assert change.new_type == "BatchNorm1d" and "kept" in change.note and "allow_tiny_groups" in change.note
+    if kept:
+        text = str(report)
+        assert f", {kept} kept" in text.splitlines()[0] and "(kept)" in text
+    assert_trains(model, torch.randn(8, 10))
+
+
+def test_allow_tiny_groups_forces_the_conversion_with_a_note():
+    model = mlp()
+    report = convert_norm(model, "gn", allow_tiny_groups=True)
+    assert not report.kept and len(report) == 2
+    assert type(model[1]) is gnn.GroupNorm and model[1].num_groups == 32
+    assert all("channels per group" in c.note for c in report)
+
+
+def test_batch_norm_1d_over_sequences_with_large_groups_is_converted():
+    model = nn.Sequential(nn.Conv1d(3, 64, 3), nn.BatchNorm1d(64))
+    report = convert_norm(model, "gn:16")
+    assert len(report) == 1 and not report.kept and model[1].num_groups == 16
+    assert model(torch.randn(2, 3, 9)).shape == (2, 64, 7)
+
+
+# --- to_torch_native picks the BatchNorm of the input's rank (issue 15, item 14) -------------------------
+
+@pytest.mark.parametrize("conv, bn, shape", [(nn.Conv1d, nn.BatchNorm1d, (4, 3, 10)),
+                                             (nn.Conv2d, nn.BatchNorm2d, (4, 3, 6, 6)),
+                                             (nn.Conv3d, nn.BatchNorm3d, (4, 3, 4, 4, 4))])
+@pytest.mark.parametrize("run_first", [False, True])
+def test_to_torch_native_batch_norm_of_the_right_rank(conv, bn, shape, run_first):
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(3, 8, 3, padding=1), bn(8), nn.ReLU())
+    convert_norm(model, "bn@2")
+    assert type(model[1]) is gnn.BatchNorm
+    x = torch.randn(shape)
+    if run_first:
+        model.train()
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    to_torch_native(model)
+    assert type(model[1]) is bn
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_to_torch_native_batch_norm_rank_from_the_inputs_seen():
+    """Our BatchNorm built directly (no torch layer to take the rank from): the rank of its inputs."""
+    torch.manual_seed(0)
+    for shape, bn in (((6, 8), nn.BatchNorm1d), ((6, 8, 5), nn.BatchNorm1d), ((2, 8, 3, 3, 3), nn.BatchNorm3d)):
+        model = nn.Sequential(nn.Identity(), gnn.BatchNorm(8))
+        x = torch.randn(shape)
+        model(x)
+        model.eval()
+        with torch.no_grad():
+            expected = model(x)
+        to_torch_native(model)
+        assert type(model[1]) is bn
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected)
+    never_run = nn.Sequential(nn.Conv1d(2, 8, 1), gnn.BatchNorm(8))
+    to_torch_native(never_run)  # the model's convolutions say 1-D
+    assert type(never_run[1]) is nn.BatchNorm1d
+    with pytest.raises(ValueError, match=r"1: no torch BatchNorm for inputs of rank 6"):
+        model = nn.Sequential(nn.Identity(), gnn.BatchNorm(2))
+        model(torch.randn(2, 2, 2, 2, 2, 2))
+        to_torch_native(model)
+
+
+# --- one parser of norm specs (issue 15, item 15) ---------------------------------------------------------
+
+def test_convert_reads_specs_with_the_factory_parser():
+    for to, groups in (("gn : 8", 8), (" GN / 16 ", 4), ("gn", 16)):
+        model = small_net(64, 64)
+        convert_norm(model, to, num_groups=16)
+        assert model[1].num_groups == groups, to
+    model = small_net(64, 64)
+    convert_norm(model, "bn @ 4")
+    assert model[1].images_per_worker == 4
+    with pytest.raises(ValueError, match="num_groups must be >= 1"):
+        convert_norm(small_net(), "gn:0")

@@ -60,6 +60,8 @@ class BatchNorm(_BatchNorm):
         self.running_stats = running_stats
         self.sync = sync
         self.process_group = process_group
+        # rank of the last input, so that to_torch_native picks nn.BatchNorm1d/2d/3d (not a buffer)
+        self.input_rank: int | None = None
 
     @property
     def num_channels(self) -> int:
@@ -69,6 +71,7 @@ class BatchNorm(_BatchNorm):
         where = type(self).__name__
         _checks.check_input(input, where)
         _checks.check_channels(input, self.num_features, where)
+        self.input_rank = input.dim()
 
     def _average_factor(self) -> float:
         """Momentum of this step; counts the step (torch's rule, including momentum=None)."""
@@ -105,7 +108,7 @@ class BatchNorm(_BatchNorm):
                 return _TorchSyncBN.apply(input, self.weight, self.bias, running_mean, running_var,
                                           self.eps, factor, group, world_size)
             return GF.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                   factor, self.eps, group)
+                                      factor, self.eps, group)
         return GF.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                              self.training, factor, self.eps,
                              images_per_worker=self.images_per_worker if self.training else None,
