@@ -18,13 +18,16 @@ from __future__ import annotations
 import functools
 import gzip
 import os
-import pickle
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from groupnorm.errors import ConfigError, DataError, DatasetNotFoundError
+
+from . import safe_pickle
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -36,10 +39,6 @@ STATS = {
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 PADDING = {"fashion-mnist": 2, "cifar10": 4, "cifar100": 4}
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are not where we looked; the message says how to install or point to them."""
 
 
 # ---- deterministic randomness and subsets -----------------------------------------------------------
@@ -156,19 +155,37 @@ class TensorData:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An IDX file (the MNIST format, gzipped or not) as a uint8 array of its stated shape."""
+    """An IDX file (the MNIST format, gzipped or not) as a uint8 array of its stated shape; DataError
+    naming the file when it is not one (bad gzip stream, wrong magic, wrong length)."""
     path = Path(path)
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-        data = f.read()
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError, ValueError) as exc:  # gzip.BadGzipFile, a cut stream, zlib.error
+        raise DataError(f"{path} cannot be read ({type(exc).__name__}: {exc}); the file is corrupt: "
+                        f"download it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {data[:4].hex()})")
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (magic {data[:4].hex()})")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     body = data[4 + 4 * ndim:]
-    if len(body) != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated or corrupt: header says {dims} = {int(np.prod(dims))} bytes, "
-                         f"found {len(body)}")
+    if len(data) < 4 + 4 * ndim or len(body) != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated or corrupt: header says {dims} = {int(np.prod(dims))} bytes, "
+                        f"found {len(body)}")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims).copy()
+
+
+def check_labels(labels: np.ndarray, classes: int, where) -> np.ndarray:
+    """labels as int64 (M,), all in [0, classes); DataError naming ``where`` otherwise (found now,
+    not as an index error in the middle of training)."""
+    if labels.ndim != 1:
+        raise DataError(f"{where}: expected labels of shape (M,), got shape {labels.shape}")
+    labels = labels.astype(np.int64)
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        raise DataError(f"{where}: {int(bad.sum())} labels out of range [0, {classes}), e.g. "
+                        f"{int(labels[bad][0])} at index {int(np.flatnonzero(bad)[0])}")
+    return labels
 
 
 def _find(names: list[str], dirs: list[Path]) -> Path | None:
@@ -184,14 +201,19 @@ def _fashion_arrays(root: str):
     dirs = [Path(root), Path(root) / "fashion-mnist", Path(root) / "FashionMNIST" / "raw"]
     out = {}
     for split, prefix in (("train", "train"), ("val", "t10k")):
-        arrays = []
+        paths = []
         for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
             stem = f"{prefix}-{kind}"
             path = _find([stem + ".gz", stem], dirs)
             if path is None:
                 return None
-            arrays.append(read_idx(path))
-        out[split] = (arrays[0][:, None], arrays[1])
+            paths.append(path)
+        images, labels = read_idx(paths[0]), check_labels(read_idx(paths[1]), 10, paths[1])
+        if images.ndim != 3:
+            raise DataError(f"{paths[0]}: expected images of shape (M, H, W), got shape {images.shape}")
+        if len(images) != len(labels):
+            raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
+        out[split] = (images[:, None], labels)
     return out
 
 
@@ -207,7 +229,7 @@ def load_fashion_mnist(data_dir: str | None) -> tuple[TensorData, TensorData]:
             f"`sudo apt-get install dataset-fashion-mnist` (files go to {FASHION_DIR}), or point to a folder "
             f"holding the IDX files with --data-dir DIR (data_dir=DIR).")
     mean, std = STATS["fashion-mnist"]
-    return tuple(TensorData(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), mean, std,
+    return tuple(TensorData(torch.from_numpy(x), torch.from_numpy(y), mean, std,
                             PADDING["fashion-mnist"], 10) for x, y in (arrays["train"], arrays["val"]))
 
 
@@ -220,16 +242,47 @@ def _cifar_arrays(root: str, name: str):
                  if all((d / f).is_file() for f in train_files + test_files)), None)
     if base is None:
         return None
+    classes = 10 if name == "cifar10" else 100
     out = {}
     for split, files in (("train", train_files), ("val", test_files)):
         xs, ys = [], []
         for f in files:
-            with open(base / f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[key], dtype=np.int64))
+            x, y = read_cifar_batch(base / f, key, classes)
+            xs.append(x)
+            ys.append(y)
         out[split] = (np.concatenate(xs), np.concatenate(ys))
     return out
+
+
+def read_cifar_batch(path: Path, key: bytes, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch: images uint8 (M, 3, 32, 32) and labels int64 (M,) in [0, classes).
+    Read with ``safe_pickle`` (no code in the file runs); DataError naming the file when it is not
+    a batch of the format."""
+    try:
+        batch = safe_pickle.load(path.read_bytes())
+    except Exception as exc:  # whatever a malformed or hostile pickle makes the reader raise
+        lines = str(exc).strip().splitlines()
+        raise DataError(f"{path} cannot be read as a CIFAR batch ({type(exc).__name__}: "
+                        f"{lines[0][:300] if lines else 'no message'})") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} is not a CIFAR batch (a pickled dict), got {type(batch).__name__}")
+    for k in (b"data", key):
+        if k not in batch:
+            raise DataError(f"{path} has no {k!r} entry; is it a CIFAR-{classes} batch?")
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: {b'data'!r} must be a uint8 array of shape (M, 3072), got "
+                        f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+    try:
+        labels = np.asarray(batch[key])
+    except (TypeError, ValueError):
+        labels = np.asarray([])
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: {key!r} must be a list of integers")
+    labels = check_labels(labels, classes, path)
+    if len(labels) != len(data):
+        raise DataError(f"{path} has {len(data)} images but {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def load_cifar(name: str, data_dir: str | None) -> tuple[TensorData, TensorData]:
@@ -261,8 +314,8 @@ class FolderData:
         try:
             from torchvision import datasets, transforms
         except ModuleNotFoundError:
-            raise ModuleNotFoundError("dataset=imagefolder needs torchvision: pip install torchvision "
-                                      "(or pip install 'groupnorm[vision]')") from None
+            raise ConfigError("dataset=imagefolder needs torchvision: pip install torchvision "
+                              "(or pip install 'groupnorm[vision]')") from None
         mean, std = STATS["imagefolder"]
         if train and augment:
             steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
@@ -328,11 +381,11 @@ def load_data(cfg, device="cpu"):
     elif cfg.dataset == "imagefolder":
         train, val = load_imagefolder(cfg.data_dir, cfg.image_size, cfg.augment, cfg.loader_workers)
     else:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}")
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}")
     train = train.subset(cfg.train_subset, cfg.subset_seed)
     val = val.subset(cfg.val_subset, cfg.subset_seed)
     if len(train) < cfg.global_batch:
-        raise ValueError(f"the training set has {len(train)} images, fewer than one global batch of "
+        raise ConfigError(f"the training set has {len(train)} images, fewer than one global batch of "
                          f"workers * images_per_worker = {cfg.workers} * {cfg.images_per_worker} = "
                          f"{cfg.global_batch}; raise train_subset or lower the batch")
     return train.to(device), val.to(device)

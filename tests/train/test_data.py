@@ -221,3 +221,121 @@ def test_eval_batches_cover_the_set_in_order():
     data = random_data(m=10)
     ys = [y for r in range(3) for _, y in data.eval_batches(2, rank=r, world=3)]
     assert torch.equal(torch.cat(ys), data.labels)
+
+
+# ---- safe and checked loading (issue 15, items 11 and 12) ---------------------------------------------
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def write_cifar10(root, batches=None, protocol=pickle.DEFAULT_PROTOCOL, n=3):
+    """A CIFAR-10 look-alike in root/cifar-10-batches-py; ``batches`` maps a file name to the object
+    pickled there instead of a valid batch."""
+    rng = np.random.default_rng(0)
+    sub = root / "cifar-10-batches-py"
+    sub.mkdir(exist_ok=True)
+    for name in CIFAR10_FILES:
+        batch = {b"batch_label": b"training batch", b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n)], b"filenames": [b"a.png"] * n}
+        obj = (batches or {}).get(name, batch)
+        (sub / name).write_bytes(obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=protocol))
+    return sub
+
+
+def _load_cifar10(root):
+    from groupnorm.train.data import _cifar_arrays
+    _cifar_arrays.cache_clear()
+    return load_cifar("cifar10", str(root))
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_pickles_cannot_run_code(tmp_path):
+    from groupnorm.errors import DataError
+    marker = tmp_path / "pwned"
+    sub = write_cifar10(tmp_path, {"data_batch_3": {b"data": _Exploit(marker), b"labels": [0]}})
+    with pytest.raises(DataError, match=rf"{sub / 'data_batch_3'}.*refused.*(posix|os)\.system"):
+        _load_cifar10(tmp_path)
+    assert not marker.exists()
+    # the same through builtins (eval), and a global hidden in a label list
+    for name, obj in (("test_batch", pickle.dumps({b"data": 1, b"labels": [eval]})),
+                      ("data_batch_1", b"cbuiltins\neval\n(S'1+1'\ntR.")):
+        sub = write_cifar10(tmp_path, {name: obj})
+        with pytest.raises(DataError, match=rf"{sub / name}.*refused.*builtins\.eval"):
+            _load_cifar10(tmp_path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_pickles_of_every_protocol_load(tmp_path, protocol):
+    write_cifar10(tmp_path, protocol=protocol)
+    train, val = _load_cifar10(tmp_path)
+    assert train.images.shape == (15, 3, 32, 32) and val.images.shape == (3, 3, 32, 32)
+
+
+def test_cifar_pickles_written_by_python2_numpy_1_load(tmp_path):
+    """The files from cs.toronto.edu name numpy.core.multiarray._reconstruct (numpy < 2)."""
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    text = pickle.dumps({b"data": data, b"labels": [1, 2, 3]}, protocol=2)
+    text = text.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert b"numpy.core.multiarray\n_reconstruct" in text
+    write_cifar10(tmp_path, {"test_batch": text})
+    _, val = _load_cifar10(tmp_path)
+    assert torch.equal(val.images.reshape(3, -1), torch.from_numpy(data)) and val.labels.tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("obj, match", [
+    ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1, 10]}, r"labels out of range.*\[0, 10\).*10"),
+    ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, -1, 2]}, r"labels out of range"),
+    ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1]}, r"3 images but 2 labels"),
+    ({b"data": np.zeros((3, 100), np.uint8), b"labels": [0, 1, 2]}, r"3072"),
+    ({b"labels": [0, 1, 2]}, r"no b'data'"),
+    ([1, 2, 3], r"not a CIFAR batch"),
+    (b"\x80\x04garbage", r"cannot be read"),
+])
+def test_bad_cifar_batches_name_the_file(tmp_path, obj, match):
+    from groupnorm.errors import DataError
+    sub = write_cifar10(tmp_path, {"data_batch_2": obj})
+    with pytest.raises(DataError, match=rf"{sub / 'data_batch_2'}.*{match}"):
+        _load_cifar10(tmp_path)
+
+
+def _fashion_variant(root, **replace):
+    from groupnorm.train.data import _fashion_arrays
+    _fashion_arrays.cache_clear()
+    fake_fashion(root)
+    for name, content in replace.items():
+        path = root / f"{name.replace('_', '-')}-ubyte.gz"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            write_idx(path, content)
+    return root
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("train_labels_idx1", np.arange(40) % 11, r"train-labels-idx1-ubyte.gz.*labels out of range.*\[0, 10\).*10"),
+    ("t10k_labels_idx1", np.arange(21) % 10, r"t10k-images-idx3-ubyte.gz has 20 images but "
+                                             r".*t10k-labels-idx1-ubyte.gz has 21 labels"),
+    ("train_images_idx3", b"this is not gzip data at all", r"train-images-idx3-ubyte.gz cannot be read"),
+    ("train_images_idx3", gzip.compress(b"\0\0\x08\x03" + b"\0" * 40)[:-12],
+     r"train-images-idx3-ubyte.gz cannot be read"),
+    ("train_labels_idx1", np.zeros((40, 2)), r"train-labels-idx1-ubyte.gz.*expected labels of shape \(M,\)"),
+])
+def test_bad_fashion_files_are_found_at_load_time(tmp_path, name, content, match):
+    from groupnorm.errors import DataError
+    _fashion_variant(tmp_path, **{name: content})
+    with pytest.raises(DataError, match=match):
+        load_data(Config(data_dir=str(tmp_path), workers=1, images_per_worker=4))
+
+
+def test_too_small_a_subset_is_a_config_error(tmp_path):
+    from groupnorm.errors import ConfigError
+    fake_fashion(tmp_path)
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        load_data(Config(data_dir=str(tmp_path), workers=8, images_per_worker=8))
