@@ -9,6 +9,11 @@
 Every training option is a field of ``groupnorm.train.Config``; its ``--flag`` and its help text are
 generated from the field, so they cannot drift apart. Precedence: defaults < --config file <
 key=value < --flags.
+
+Errors: a ``groupnorm.errors.GroupnormError`` (a bad setting, data file, checkpoint or run directory,
+a diverged training) or an OSError (a file the system refuses) is printed as one line,
+``groupnorm COMMAND: error: MESSAGE``, with exit status 2 for a bad setting (ConfigError) and 1
+otherwise. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -69,7 +74,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `groupnorm train`")
     p.add_argument("--split", choices=("val", "train"), default="val", help="which split (default: val)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="evaluation batch size, >= 1 (default: the run's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -132,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from groupnorm.train import CheckpointError, ConfigError  # DatasetNotFoundError is a FileNotFoundError
+    from groupnorm.errors import ConfigError, GroupnormError
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError) as exc:
-        print(f"groupnorm {args.command}: error: {exc}", file=sys.stderr)
+    except (GroupnormError, OSError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"groupnorm {args.command}: error: {message}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1

@@ -123,3 +123,135 @@ def test_torchrun_matches_simulated(tmp_path, fake_dir):
     b = load_checkpoint(tmp_path / "sim" / "checkpoint.pt")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ---- one line, no traceback, non-zero exit (issue 15, items 4, 5 and 12) -------------------------------
+def error_line(capsys, command="train"):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"groupnorm {command}: error: "), err
+    return last
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, fake_dir):
+    out = tmp_path_factory.mktemp("runs") / "done"
+    assert cli.main(["train", *TINY, "--data-dir", fake_dir, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("size", ["-5", "0"])
+def test_eval_refuses_a_batch_size_below_one(finished_run, capsys, size):
+    capsys.readouterr()
+    assert cli.main(["eval", str(finished_run), "--batch-size", size]) == 2
+    assert f"batch size must be >= 1, got {size}" in error_line(capsys, "eval")
+
+
+@pytest.mark.parametrize("content", [b"", b"this is a text file, not a checkpoint\n"])
+def test_unusable_checkpoints_are_one_line(tmp_path, finished_run, fake_dir, capsys, content):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "checkpoint.pt").write_bytes(content)
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 1
+    assert f"checkpoint {out / 'checkpoint.pt'} is truncated or corrupt" in error_line(capsys, "eval")
+    assert cli.main(["train", *TINY, "--data-dir", fake_dir, "--out", str(out), "--resume"]) == 1
+    assert str(out / "checkpoint.pt") in error_line(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet7"], "model='resnet7' is not one of"),
+    (["--norm", "batchnorm"], "norm='batchnorm'"),
+    (["--norm", "gn:0"], "num_groups must be >= 1"),
+    (["--model-args", "{width: -4}"], "width must be positive"),
+    (["--seed", "-1"], "seed must be in [0, 2**32)"),
+    (["--base-lr", ".nan"], "base_lr must be a finite number, got nan"),
+    (["momentum=5"], "momentum must be in [0, 1)"),
+    (["--resume", "--overwrite"], "set one of them"),
+])
+def test_bad_settings_are_one_line(tmp_path, fake_dir, capsys, args, message):
+    assert cli.main(["train", *TINY, "--data-dir", fake_dir, "--out", str(tmp_path / "r"), *args]) == 2
+    assert message in error_line(capsys)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path, fake_dir, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["train", *TINY, "--data-dir", fake_dir, "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in error_line(capsys)
+    monkeypatch.undo()
+    assert cli.main(["eval", str(tmp_path / "missing"), "--device", "cuda:99"]) == 1  # not a run directory
+    assert "is not a run directory" in error_line(capsys, "eval")
+
+
+def test_triton_backend_without_triton_is_one_line(tmp_path, fake_dir):
+    """A fresh process in which Triton cannot be imported: the registry's reason, one line, exit 2."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "from groupnorm.cli import main\n"
+            f"sys.exit(main(['train', *{TINY!r}, '--data-dir', {fake_dir!r}, '--out', {str(tmp_path / 'r')!r}, "
+            "'--backend', 'triton']))\n")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("groupnorm train: error: backend=triton") and "triton" in last[30:], last
+
+
+def _broken_fashion(root, **files):
+    from helpers import write_idx
+    root.mkdir()
+    fake_fashion(root, 48, 20)
+    for name, content in files.items():
+        path = root / f"{name}-ubyte.gz"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            write_idx(path, content)
+    return str(root)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"train-images-idx3": b"garbage, not gzip"}, "train-images-idx3-ubyte.gz cannot be read"),
+    ({"t10k-labels-idx1": [3] * 19 + [12]}, "t10k-labels-idx1-ubyte.gz: 1 labels out of range [0, 10)"),
+    ({"train-labels-idx1": [1] * 47}, "has 48 images but"),
+])
+def test_bad_data_files_are_one_line(tmp_path, capsys, files, message):
+    from groupnorm.train.data import _fashion_arrays
+    _fashion_arrays.cache_clear()
+    data = _broken_fashion(tmp_path / "data", **files)
+    assert cli.main(["train", *TINY, "--data-dir", data, "--out", str(tmp_path / "r")]) == 1
+    line = error_line(capsys)
+    assert message in line and str(tmp_path / "data") in line
+
+
+def test_a_busy_or_finished_run_directory_is_one_line(tmp_path, finished_run, fake_dir, capsys):
+    from groupnorm.train.rundir import RunLock
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    with RunLock(out):
+        assert cli.main(["train", *TINY, "--data-dir", fake_dir, "--out", str(out), "--resume"]) == 1
+        assert "another training" in error_line(capsys)
+    (out / "checkpoint.pt").unlink()
+    assert cli.main(["train", *TINY, "--data-dir", fake_dir, "--out", str(out)]) == 1
+    assert "--overwrite" in error_line(capsys)
+    assert cli.main(["train", *TINY, "--data-dir", fake_dir, "--out", str(out), "--overwrite"]) == 0
+
+
+def test_a_diverging_run_exits_non_zero(tmp_path, fake_dir, capsys, monkeypatch):
+    import torch
+    from groupnorm.train import engine
+    real_build = engine.build
+
+    def poisoned(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("inf"))
+        return model
+
+    monkeypatch.setattr(engine, "build", poisoned)
+    assert cli.main(["train", *TINY, "--data-dir", fake_dir, "--out", str(tmp_path / "r")]) == 1
+    assert "training diverged: the loss is nan" in error_line(capsys)

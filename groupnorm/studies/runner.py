@@ -25,13 +25,14 @@ import time
 import traceback
 from pathlib import Path
 
+from groupnorm.train.config import result_neutral_keys
+
 from .files import SUMMARY_COLUMNS, StudyFileError, load_plan, read_summary
 from .files import read_result as _read_result_file
 from .specs import Preset, RunSpec, expand, get_preset, study_notes
 
-# Config keys that may differ between a finished run and a new plan without changing its numbers.
-_FREE_KEYS = {"out", "threads", "resume", "progress", "data_dir", "device", "eval_batch_size", "tensorboard",
-              "backend", "loader_workers", "launcher"}
+# Config keys that may differ between a finished run and a new plan: those marked same_results in Config.
+_FREE_KEYS = result_neutral_keys()
 
 
 def available_cores() -> int:

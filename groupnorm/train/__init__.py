@@ -6,12 +6,18 @@
     result = run(cfg)            # dict: val_error (median of the last 5 epochs), train_error, history, ...
     evaluate("runs/x")           # the checkpoint's error on the validation set
 
-Modules: config (the Config dataclass), data (datasets and batches), engine (the loop), distributed
-(simulated workers and torchrun/DDP), checkpoint (atomic checkpoints and RNG states).
+Modules, each importing only those after it: launch (``run``: in this process, or the W processes of
+launcher=torchrun), engine (the loop, ``evaluate``), rundir (the run directory's lock and checks),
+distributed (simulated workers and torchrun/DDP), probe, data (datasets and batches), checkpoint
+(verified atomic checkpoints and RNG states), schedule, config (the Config dataclass).
+Errors are ``groupnorm.errors`` classes (ConfigError, DataError, CheckpointError, RunDirError, ...).
 """
-from .checkpoint import CheckpointError
-from .config import Config, ConfigError
-from .data import DatasetNotFoundError
-from .engine import evaluate, run
+from groupnorm.errors import (CheckpointError, ConfigError, DataError, DatasetNotFoundError, RunDirError,
+                              TrainingError)
 
-__all__ = ["Config", "ConfigError", "run", "evaluate", "CheckpointError", "DatasetNotFoundError"]
+from .config import Config
+from .engine import evaluate
+from .launch import run
+
+__all__ = ["Config", "ConfigError", "run", "evaluate", "CheckpointError", "DataError", "DatasetNotFoundError",
+           "RunDirError", "TrainingError"]

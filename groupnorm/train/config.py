@@ -1,7 +1,10 @@
 """The training configuration: one dataclass, YAML/JSON round trip, ``key=value`` overrides.
 
 Every field carries its documentation in ``metadata["help"]``; the CLI builds its ``--help`` and its
-``--flags`` from it, so the two cannot drift. Values are coerced to the field's type wherever they
+``--flags`` from it, so the two cannot drift. ``metadata["same_results"]`` marks the keys that do not
+change a run's numbers (where it is written, how fast, what is logged besides): the one list that
+resuming a run (engine) and reusing a finished run in a study (studies.runner) both read, through
+``result_neutral_keys()``. Values are coerced to the field's type wherever they
 come from (a YAML file, a ``key=value`` string, Python code), and checked: a typo in a key gives an
 error that lists the valid keys and the closest match.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -23,19 +27,19 @@ from typing import Any, Optional
 
 import yaml
 
+from groupnorm.errors import ConfigError
+
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
 LAUNCHERS = ("simulated", "torchrun")
 RUNNING_STATS = ("worker0", "average")   # groupnorm.functional.RUNNING_STATS
 BACKENDS = ("auto", "native", "cpu", "triton")
+SEED_LIMIT = 2 ** 32  # numpy's legacy seeding (np.random.seed) takes [0, 2**32)
 
 
-class ConfigError(ValueError):
-    """A bad configuration key or value."""
-
-
-def _f(default, help: str, choices: tuple | None = None):
-    """A dataclass field with its documentation (and allowed values) in the metadata."""
-    meta = {"help": help, "choices": choices}
+def _f(default, help: str, choices: tuple | None = None, same_results: bool = False):
+    """A dataclass field with its documentation, allowed values and whether it leaves the run's
+    numbers unchanged (``same_results``) in the metadata."""
+    meta = {"help": help, "choices": choices, "same_results": same_results}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -48,7 +52,7 @@ class Config:
     # data
     dataset: str = _f("fashion-mnist", "dataset to train on", DATASETS)
     data_dir: Optional[str] = _f(None, "folder holding the dataset (None: the dataset's default place, "
-                                       "e.g. /usr/share/datasets/fashion-mnist)")
+                                       "e.g. /usr/share/datasets/fashion-mnist)", same_results=True)
     train_subset: Optional[int] = _f(None, "train on this many images (class-balanced, chosen with "
                                            "subset_seed); None: all")
     val_subset: Optional[int] = _f(None, "validate on this many images (class-balanced); None: all")
@@ -57,7 +61,7 @@ class Config:
     augment: bool = _f(True, "random crop with padding + horizontal flip (small datasets); random resized "
                              "crop + flip (imagefolder)")
     image_size: int = _f(224, "imagefolder only: training crop and validation center-crop size")
-    loader_workers: int = _f(4, "imagefolder only: DataLoader processes per worker/rank")
+    loader_workers: int = _f(4, "imagefolder only: DataLoader processes per worker/rank", same_results=True)
     # model
     model: str = _f("resnet20", "model name (groupnorm.models.list_models())")
     model_args: dict = _f({}, "extra keyword arguments for build_model, e.g. {width: 8}")
@@ -66,13 +70,14 @@ class Config:
                            "cannot be split into the paper's 32 groups (gn = gn:32 for wider models)")
     ws: bool = _f(False, "weight-standardized convolutions")
     zero_init_residual: bool = _f(True, "gamma = 0 for the last normalization of each residual block")
-    backend: str = _f("auto", "GroupNorm backend (groupnorm.backends)", BACKENDS)
+    backend: str = _f("auto", "GroupNorm backend (groupnorm.backends)", BACKENDS, same_results=True)
     # workers
     workers: int = _f(8, "number of workers W (the paper uses 8)")
     images_per_worker: int = _f(32, "images per worker N; the global batch is W*N; BN statistics are "
                                     "computed over each worker's N images")
     launcher: str = _f("simulated", "simulated: all W workers in one process (BN per chunk of N); "
-                                    "torchrun: W processes with DistributedDataParallel", LAUNCHERS)
+                                    "torchrun: W processes with DistributedDataParallel", LAUNCHERS,
+                       same_results=True)
     sync_bn: bool = _f(False, "synchronize BN statistics across workers (BN over the whole W*N batch)")
     bn_running_stats: str = _f("worker0", "where BN's running (eval-time) statistics come from when not "
                                           "synchronized: worker0 (worker / rank 0's, broadcast to the "
@@ -92,17 +97,22 @@ class Config:
                                                   "weight_decay (the paper)")
     seed: int = _f(0, "random seed (initialization, data order, augmentation)")
     # run
-    out: str = _f("runs/train", "run directory (config.yaml, metrics.jsonl, checkpoint.pt, result.json)")
-    resume: bool = _f(False, "continue the run in `out` from its checkpoint (starts fresh if there is none)")
-    device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:K")
+    out: str = _f("runs/train", "run directory (config.yaml, metrics.jsonl, checkpoint.pt, result.json)",
+                  same_results=True)
+    resume: bool = _f(False, "continue the run in `out` from its checkpoint (starts fresh if there is none)",
+                      same_results=True)
+    overwrite: bool = _f(False, "start a fresh run in `out` even when it holds another run's files (result.json, "
+                                "metrics.jsonl, checkpoint.pt): they are deleted first", same_results=True)
+    device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:K", same_results=True)
     threads: Optional[int] = _f(None, "torch threads per process; None: all cores (divided among "
-                                      "torchrun ranks)")
-    eval_batch_size: int = _f(500, "batch size for evaluation")
-    progress: Optional[bool] = _f(None, "progress bars; None: only when stderr is a terminal")
-    tensorboard: bool = _f(False, "also log scalars to TensorBoard (out/tensorboard) when installed")
+                                      "torchrun ranks)", same_results=True)
+    eval_batch_size: int = _f(500, "batch size for evaluation", same_results=True)
+    progress: Optional[bool] = _f(None, "progress bars; None: only when stderr is a terminal", same_results=True)
+    tensorboard: bool = _f(False, "also log scalars to TensorBoard (out/tensorboard) when installed",
+                           same_results=True)
     probe: Optional[str] = _f(None, "module path (as in model.named_modules()) whose output percentiles "
-                                    "{1,20,80,99} are recorded into probe.jsonl")
-    probe_every: int = _f(10, "record the probe every this many iterations")
+                                    "{1,20,80,99} are recorded into probe.jsonl", same_results=True)
+    probe_every: int = _f(10, "record the probe every this many iterations", same_results=True)
 
     def __post_init__(self):
         hints = _hints()
@@ -124,17 +134,40 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        for name in ("base_lr", "lr_decay", "weight_decay", "norm_weight_decay", "warmup_epochs",
+                     "momentum"):  # YAML's .nan / .inf, or --base-lr nan, would train to NaN
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         for name in ("base_lr", "lr_decay"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "norm_weight_decay", "warmup_epochs", "momentum", "loader_workers"):
+        for name in ("weight_decay", "norm_weight_decay", "warmup_epochs", "loader_workers"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        for name in ("seed", "subset_seed"):
+            if not 0 <= getattr(self, name) < SEED_LIMIT:
+                raise ConfigError(f"{name} must be in [0, 2**32), got {getattr(self, name)}")
         if any(not 0 < s <= 1 for s in self.lr_steps) or list(self.lr_steps) != sorted(self.lr_steps):
             raise ConfigError(f"lr_steps must be increasing fractions of the epochs in (0, 1], got {self.lr_steps}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:K")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume=True continues the run in `out`, overwrite=True deletes it: set one of them")
+        self._check_model_and_norm()
+
+    def _check_model_and_norm(self) -> None:
+        from groupnorm.models import list_models
+        from groupnorm.nn import NormSpec
+        if self.model.lower() not in list_models():
+            raise ConfigError(f"model={self.model!r} is not one of {', '.join(list_models())}")
+        try:
+            NormSpec.parse(self.norm)  # the one parser of norm specs; the engine reads it the same way
+        except ValueError as exc:
+            raise ConfigError(f"norm={self.norm!r}: {exc}") from None
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -206,14 +239,20 @@ class Config:
 
 
 def field_docs() -> dict[str, dict]:
-    """{name: {"help", "choices", "default", "type"}} for every field, in declaration order."""
+    """{name: {"help", "choices", "same_results", "default", "type"}} for every field, in order."""
     hints = _hints()
     out = {}
     for f in dataclasses.fields(Config):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         out[f.name] = {"help": f.metadata["help"], "choices": f.metadata["choices"],
-                       "default": default, "type": hints[f.name]}
+                       "same_results": f.metadata["same_results"], "default": default, "type": hints[f.name]}
     return out
+
+
+def result_neutral_keys() -> frozenset[str]:
+    """The keys that do not change a run's numbers (``same_results=True`` in their field): they may
+    differ between a run and its resumption, or between a finished run and a study that reuses it."""
+    return frozenset(f.name for f in dataclasses.fields(Config) if f.metadata["same_results"])
 
 
 def check_keys(values: dict) -> None:

@@ -4,7 +4,7 @@ simulated  every step takes the whole global batch of W*N images in one process;
            layers compute statistics per chunk of N images (``bn@N``), and the loss is the mean over
            all W*N images -- which is exactly the gradient DistributedDataParallel averages.
 torchrun   W processes (started by ``torchrun --nproc_per_node W`` or, when ``run`` is called outside
-           torchrun, by ``spawn`` below with torch.multiprocessing); rank r takes images
+           torchrun, by ``launch.spawn`` with torch.multiprocessing); rank r takes images
            [r*N, (r+1)*N) of the same global batch; gloo on CPU, NCCL on GPU; BN uses each rank's own
            images (unsynchronized, as in the paper) unless sync_bn.
 
@@ -23,11 +23,12 @@ in both launchers.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Context:
 
 
 def in_torchrun() -> bool:
-    """True inside a process started by torchrun (or ``spawn``): the rendezvous variables are set."""
+    """True inside a process started by torchrun (or ``launch.spawn``): the rendezvous variables are set."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
@@ -57,8 +58,14 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} but CUDA is not available; use device=cpu")
-    return torch.device(name)
+        raise ConfigError(f"device={name} but CUDA is not available; use device=cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device name (auto, cpu, cuda or cuda:K)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def setup(cfg) -> Context:
@@ -70,7 +77,7 @@ def setup(cfg) -> Context:
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if world != cfg.workers:
-            raise ValueError(f"torchrun started {world} processes but workers={cfg.workers}; "
+            raise ConfigError(f"torchrun started {world} processes but workers={cfg.workers}; "
                              f"use --nproc_per_node {cfg.workers} (times the number of nodes)")
         device = pick_device(cfg.device, local_rank)
         if device.type == "cuda":
@@ -164,26 +171,3 @@ def wrap_ddp(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
            else "broadcast_buffers")
     return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **{key: False})
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawned(rank: int, values: dict, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    from .config import Config
-    from .engine import run
-    run(Config(**values))
-
-
-def spawn(cfg, start_method: str = "spawn") -> None:
-    """Run ``cfg`` under DDP in ``cfg.workers`` local processes (what torchrun would start).
-
-    start_method "spawn" (fresh interpreters; required with CUDA) or "fork" (CPU only: starts in
-    milliseconds instead of re-importing torch in every process)."""
-    import torch.multiprocessing as mp
-    mp.start_processes(_spawned, args=(cfg.to_dict(), cfg.workers, free_port()), nprocs=cfg.workers, join=True,
-                       start_method=start_method)

@@ -14,9 +14,9 @@ mean over W*N images.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,17 +25,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from groupnorm.errors import RunDirError, TrainingError
+from groupnorm.nn import NormSpec
+
 from . import distributed as D
+from . import rundir
 from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import Config, ConfigError
+from .config import Config, ConfigError, result_neutral_keys
 from .data import load_data
 from .probe import Probe
 from .schedule import lr_at, milestones, reported_error
 
-# Keys that may change between a run and its resumption without changing its numbers.
-RESUMABLE_CHANGES = {"resume", "out", "threads", "progress", "tensorboard", "data_dir", "device",
-                     "eval_batch_size", "loader_workers", "launcher", "backend", "probe", "probe_every"}
+# Keys that may change between a run and its resumption: those marked same_results in Config.
+RESUMABLE_CHANGES = result_neutral_keys()
 
 
 # ---- the model --------------------------------------------------------------------------------------
@@ -45,16 +48,16 @@ def norm_spec(cfg: Config, ctx: D.Context) -> str:
     simulated, not sync_bn: "bn@N" (chunks of N images in the W*N batch); torchrun: "bn" (each rank
     already holds N images) or "syncbn" with sync_bn; simulated with sync_bn: "bn" over the W*N batch.
     """
-    spec = cfg.norm.strip()
-    m = re.match(r"([A-Za-z]+)(?:@(\d+))?$", spec)
-    if not m or m.group(1).lower() not in ("bn", "brn", "syncbn"):
-        return spec
-    kind, at = m.group(1).lower(), m.group(2)
-    if at is not None and int(at) != cfg.images_per_worker:
-        raise ConfigError(f"norm={spec!r} asks for BN statistics over {at} images but images_per_worker="
-                          f"{cfg.images_per_worker}; write norm={kind} (the engine sets the per-worker size)")
-    sync = cfg.sync_bn or kind == "syncbn"
-    kind = "bn" if kind == "syncbn" else kind
+    spec = NormSpec.parse(cfg.norm)  # the factory's own parser: "bn @ 32" is bn@32 here as there
+    if spec.kind not in ("bn", "brn", "syncbn"):
+        return str(spec)
+    at = spec.images_per_worker
+    if at is not None and at != cfg.images_per_worker:
+        raise ConfigError(f"norm={cfg.norm!r} asks for BN statistics over {at} images but images_per_worker="
+                          f"{cfg.images_per_worker}; write norm={spec.kind} (the engine sets the per-worker "
+                          f"size)")
+    sync = cfg.sync_bn or spec.kind == "syncbn"
+    kind = "bn" if spec.kind == "syncbn" else spec.kind
     if sync:
         if ctx.distributed:
             if kind == "brn":
@@ -67,8 +70,15 @@ def norm_spec(cfg: Config, ctx: D.Context) -> str:
 def build(cfg: Config, num_classes: int, in_channels: int, ctx: D.Context) -> torch.nn.Module:
     from groupnorm.models import build_model
     from groupnorm.nn import BatchNorm
-    model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels, norm=norm_spec(cfg, ctx),
-                        ws=cfg.ws, zero_init_residual=cfg.zero_init_residual, **cfg.model_args)
+    try:
+        model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels,
+                            norm=norm_spec(cfg, ctx), ws=cfg.ws, zero_init_residual=cfg.zero_init_residual,
+                            **cfg.model_args)
+    except (ValueError, TypeError) as exc:  # what the models raise for arguments they cannot take
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"model={cfg.model!r} with norm={cfg.norm!r}, model_args={cfg.model_args!r}: "
+                          f"{exc}") from exc
     for m in model.modules():   # which simulated workers' statistics the running ones follow
         if isinstance(m, BatchNorm):
             m.running_stats = cfg.bn_running_stats
@@ -143,20 +153,34 @@ def train_epoch(cfg, ctx, model, optimizer, data, epoch, probe=None, bar=None) -
 
 # ---- run --------------------------------------------------------------------------------------------
 def run(cfg: Config) -> dict:
-    """Train ``cfg`` in ``cfg.out`` (resuming when asked) and return its result (see result.json)."""
+    """Train ``cfg`` in ``cfg.out`` in this process (resuming when asked) and return its result (see
+    result.json). Under torchrun this process is one rank; ``groupnorm.train.run`` (launch.run) is
+    the entry that also starts the ranks itself."""
     if cfg.launcher == "torchrun" and not D.in_torchrun():
-        D.spawn(cfg)
-        return json.loads((Path(cfg.out) / "result.json").read_text())
+        raise ConfigError("launcher=torchrun, but this process was not started by torchrun: start it with "
+                          "torchrun, or call groupnorm.train.run, which starts the workers' processes")
     if cfg.launcher == "simulated" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("this process was started by torchrun (WORLD_SIZE > 1) but launcher=simulated; "
                           "pass --launcher torchrun, or run simulated workers without torchrun")
     ctx = D.setup(cfg)
     try:
         from groupnorm import backends
-        with backends.use_backend(cfg.backend):
+        check_backend(cfg.backend, ctx.device)
+        with rundir.claim(cfg, ctx), backends.use_backend(cfg.backend):
             return _run(cfg, ctx)
     finally:
         D.teardown(ctx)
+
+
+def check_backend(name: str, device: torch.device) -> None:
+    """ConfigError, before anything is trained, when backend ``name`` cannot run on ``device`` here
+    (e.g. backend=triton without Triton); the registry's message says why and what to do."""
+    from groupnorm import backends
+    try:
+        with backends.use_backend(name):
+            backends.resolve(torch.empty(0, device=device))
+    except backends.BackendUnavailable as exc:
+        raise ConfigError(f"backend={name}: {exc}") from None
 
 
 def _log(ctx, msg: str) -> None:
@@ -167,12 +191,13 @@ def _log(ctx, msg: str) -> None:
 def _resume_state(cfg: Config, path: Path, ctx) -> dict | None:
     """The checkpoint to continue from, or None for a fresh run; errors instead of overwriting a run."""
     if not path.exists():
+        rundir.check_fresh_start(path.parent)
         if cfg.resume:
             _log(ctx, f"resume: no checkpoint at {path}; starting a fresh run")
         return None
     if not cfg.resume:
-        raise FileExistsError(f"{path} exists: pass resume=True (--resume) to continue that run, or choose "
-                              f"another out= directory")
+        raise RunDirError(f"{path} exists: pass resume=True (--resume) to continue that run, overwrite=True "
+                          f"(--overwrite) to replace it, or choose another out= directory")
     state = load_checkpoint(path, map_location=ctx.device)
     old = state["config"]
     diff = [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and old.get(k, v) != v]
@@ -221,6 +246,7 @@ def _run(cfg: Config, ctx: D.Context) -> dict:
         record.update(train_epoch(cfg, ctx, net, optimizer, train, epoch, probe, bar))
         if bar is not None:
             bar.close()
+        _check_finite_loss(cfg, record)
         val_loss, record["val_error"] = evaluate_model(model, val, ctx, cfg.eval_batch_size)
         record["val_loss"] = val_loss
         history.append(record)
@@ -247,13 +273,38 @@ def _run(cfg: Config, ctx: D.Context) -> dict:
     if ctx.is_main:
         from .diagnostics import diagnose   # BN's eval-statistics diagnostics, with frozen weights
         result["diagnostics"] = diagnose(model, train, val, cfg, ctx.device)
-        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "result.json", result_json(result))
     return result
+
+
+def _check_finite_loss(cfg: Config, record: dict) -> None:
+    """Stop a diverged run before its epoch is saved (every rank sees the same all-reduced loss)."""
+    if not math.isfinite(record["train_loss"]):
+        raise TrainingError(
+            f"training diverged: the loss is {record['train_loss']} in epoch {record['epoch']} (lr "
+            f"{record['lr']:.4g}); that epoch was not saved. Lower base_lr (now {cfg.base_lr}) or add "
+            f"warmup_epochs, and start over (overwrite=True) or resume from the last checkpoint")
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def result_json(result: dict) -> str:
+    """result.json's text: standard JSON (a value that is not a finite number is written null)."""
+    return json.dumps(_finite(result), indent=2, allow_nan=False) + "\n"
 
 
 def summarize(cfg: Config, history: list[dict]) -> dict:
     last = history[-1] if history else {}
-    return {"val_error": reported_error(history) if history else float("nan"),
+    return {"val_error": reported_error(history) if history else None,
             "val_error_last": last.get("val_error"), "train_error": last.get("train_error"),
             "train_loss": last.get("train_loss"), "epochs": len(history),
             "seconds": sum(h["seconds"] for h in history), "run_dir": str(cfg.out), "history": history,
@@ -263,13 +314,13 @@ def summarize(cfg: Config, history: list[dict]) -> dict:
 def _append_jsonl(path: Path, records: list[dict]) -> None:
     if records:
         with open(path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.writelines(json.dumps(_finite(r), allow_nan=False) + "\n" for r in records)
             f.flush()
 
 
 def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
     """metrics.jsonl = the checkpoint's history (drops lines of an epoch that was not checkpointed)."""
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in records))
 
 
 def _trim_probe(path: Path, start_epoch: int) -> None:
@@ -297,12 +348,15 @@ def evaluate(run_dir, split: str = "val", device: str = "auto", batch_size: int 
     no augmentation). Returns {"split", "error", "loss", "images", "epoch", "run_dir"}."""
     run_dir = Path(run_dir)
     if split not in ("val", "train"):
-        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+        raise ConfigError(f"split must be 'val' or 'train', got {split!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ConfigError(f"evaluation batch size must be >= 1, got {batch_size}")
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = Config.load(cfg_path)
-    cfg.launcher, cfg.device = "simulated", device
+        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = Config.load(cfg_path).override("launcher=simulated", f"device={device}", "resume=false",
+                                         "overwrite=false")
     ctx = D.Context(0, 1, 0, 1, D.pick_device(device), False)
     state = load_checkpoint(run_dir / "checkpoint.pt", map_location=ctx.device)
     train, val = load_data(cfg, ctx.device if ctx.device.type == "cuda" else "cpu")
@@ -311,10 +365,10 @@ def evaluate(run_dir, split: str = "val", device: str = "auto", batch_size: int 
     from groupnorm import backends
     with backends.use_backend(cfg.backend):
         loss, error = evaluate_model(model, val if split == "val" else train, ctx,
-                                     batch_size or cfg.eval_batch_size)
+                                     cfg.eval_batch_size if batch_size is None else batch_size)
     return {"split": split, "error": error, "loss": loss, "images": len(val if split == "val" else train),
             "epoch": int(state["epoch"]), "run_dir": str(run_dir)}
 
 
 __all__ = ["run", "evaluate", "evaluate_model", "train_epoch", "lr_at", "milestones", "reported_error",
-           "norm_spec", "CheckpointError"]
+           "norm_spec", "check_backend", "result_json", "summarize", "CheckpointError"]

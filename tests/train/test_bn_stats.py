@@ -11,7 +11,7 @@ from groupnorm.train import Config, run
 from groupnorm.train import diagnostics as diag
 from groupnorm.train.checkpoint import load_checkpoint
 from groupnorm.train.data import TensorData, epoch_generator
-from groupnorm.train.distributed import spawn
+from groupnorm.train.launch import spawn
 from helpers import fake_fashion, rand
 
 

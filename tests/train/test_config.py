@@ -115,3 +115,65 @@ def test_coerce_keeps_python_values():
 def test_every_field_is_documented():
     for name, doc in field_docs().items():
         assert len(doc["help"]) > 10, name
+
+
+# ---- non-finite and out-of-range values (issue 15, items 5 and 12) ---------------------------------
+@pytest.mark.parametrize("item, pattern", [
+    ("base_lr=.nan", r"base_lr must be a finite number, got nan"),
+    ("base_lr=nan", r"base_lr='nan' is not a valid float"),
+    ("base_lr=1e999", r"base_lr must be a finite number, got inf"),
+    ("base_lr=.inf", r"base_lr must be a finite number, got inf"),
+    ("weight_decay=.inf", r"weight_decay must be a finite number"),
+    ("norm_weight_decay=-.inf", r"norm_weight_decay must be a finite number"),
+    ("warmup_epochs=.nan", r"warmup_epochs must be a finite number"),
+    ("lr_decay=.nan", r"lr_decay must be a finite number"),
+    ("momentum=.nan", r"momentum must be a finite number"),
+    ("momentum=5", r"momentum must be in \[0, 1\), got 5.0"),
+    ("momentum=1", r"momentum must be in \[0, 1\), got 1.0"),
+    ("momentum=-0.1", r"momentum must be in \[0, 1\)"),
+    ("lr_steps=[.nan]", r"lr_steps must be increasing fractions"),
+    ("seed=-1", r"seed must be in \[0, 2\*\*32\), got -1"),
+    ("seed=4294967296", r"seed must be in \[0, 2\*\*32\)"),
+    ("subset_seed=-3", r"subset_seed must be in \[0, 2\*\*32\)"),
+    ("loader_workers=-1", r"loader_workers must be >= 0"),
+    ("model=resnet7", r"model='resnet7' is not one of .*resnet20"),
+    ("norm=batchnorm", r"norm='batchnorm'.*unknown normalization kind"),
+    ("norm=gn:0", r"norm='gn:0'.*num_groups must be >= 1"),
+    ("norm=bn@0", r"norm='bn@0'.*images_per_worker must be >= 1"),
+])
+def test_non_finite_and_out_of_range_values_are_refused(item, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        Config().override(item)
+
+
+def test_non_finite_values_from_a_yaml_file_name_the_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base_lr: .nan\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: base_lr must be a finite number, got nan"):
+        Config.load(path)
+    path.write_text("weight_decay: .inf\n")
+    with pytest.raises(ConfigError, match=r"weight_decay must be a finite number, got inf"):
+        Config.load(path)
+    with pytest.raises(ConfigError, match="momentum must be in"):
+        Config(momentum=5)
+
+
+def test_norm_specs_are_checked_by_the_factory_parser():
+    # "bn @ 32" is what NormSpec reads as bn@32: accepted here, and the engine reads it the same way.
+    assert Config(norm="bn @ 32").norm == "bn @ 32"
+    with pytest.raises(ConfigError, match="norm="):
+        Config(norm="gn:")
+
+
+# ---- keys that do not change results (issue 15, item 16) --------------------------------------------
+def test_result_neutral_keys_are_marked_once_in_the_fields():
+    from groupnorm.studies import runner
+    from groupnorm.train import engine
+    from groupnorm.train.config import result_neutral_keys
+    keys = result_neutral_keys()
+    assert {"out", "resume", "overwrite", "threads", "progress", "device", "backend", "probe",
+            "probe_every", "launcher", "eval_batch_size", "data_dir", "tensorboard", "loader_workers"} == keys
+    assert engine.RESUMABLE_CHANGES == keys and runner._FREE_KEYS == keys
+    for name, doc in field_docs().items():
+        assert doc["same_results"] == (name in keys)
+    assert not keys & {"norm", "seed", "base_lr", "workers", "images_per_worker", "model", "epochs"}

@@ -10,11 +10,13 @@ import torch
 import torch.multiprocessing as mp
 
 import groupnorm.train.engine as engine
-from groupnorm.train import CheckpointError, Config, ConfigError, evaluate, run
+from groupnorm.train import CheckpointError, Config, ConfigError, RunDirError, TrainingError, evaluate, run
 from groupnorm.train.checkpoint import (atomic_write, load_checkpoint, rng_state, save_checkpoint,
                                         set_rng_state)
 from groupnorm.train.data import FASHION_DIR
-from groupnorm.train.distributed import Context, spawn
+from groupnorm.train.distributed import Context
+from groupnorm.train.launch import spawn
+from groupnorm.train.rundir import RunLock
 from groupnorm.train.probe import percentiles
 from helpers import fake_fashion
 
@@ -85,6 +87,24 @@ def test_bn_statistics_per_worker():
     assert bns and all(m.images_per_worker == 4 for m in bns)
 
 
+def test_norm_specs_are_read_by_the_factory_parser_only():
+    """"bn @ 32" is bn@32 for the factory; the engine's per-worker check must read it the same way
+    (it once let "bn @ 32" through with images_per_worker=2 and trained BN over 32 images)."""
+    sim, ddp = Context(0, 1, 0, 1, torch.device("cpu"), False), Context(0, 2, 0, 2, torch.device("cpu"), True)
+    with pytest.raises(ConfigError, match="over 32 images but images_per_worker=2"):
+        engine.norm_spec(Config(norm="bn @ 32", images_per_worker=2), sim)
+    with pytest.raises(ConfigError, match="over 32 images but images_per_worker=2"):
+        engine.norm_spec(Config(norm=" BRN@ 32", images_per_worker=2), ddp)
+    assert engine.norm_spec(Config(norm="BN @ 4", images_per_worker=4), sim) == "bn@4"
+    assert engine.norm_spec(Config(norm=" bn ", images_per_worker=4), ddp) == "bn"
+    assert engine.norm_spec(Config(norm="gn : 8"), sim) == "gn:8"
+    assert engine.norm_spec(Config(norm="gn / 4"), sim) == "gn/4"
+    model = engine.build(Config(norm="bn @ 2", images_per_worker=2, model="small_resnet",
+                                model_args={"width": 4, "depth": 8}), 10, 1, sim)
+    bns = [m for m in model.modules() if hasattr(m, "images_per_worker")]
+    assert bns and all(m.images_per_worker == 2 for m in bns)
+
+
 def test_weight_decay_includes_gamma_and_beta():
     model = engine.build(Config(model="small_resnet", model_args={"width": 4, "depth": 8}, norm="gn:2"), 10, 1,
                          Context(0, 1, 0, 1, torch.device("cpu"), False))
@@ -143,6 +163,21 @@ def test_simulated_and_torchrun_give_the_same_steps(tmp_path, fake_dir, norm, sy
         torch.testing.assert_close(states["torchrun"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_a_spawned_rank_stopping_on_a_user_error_is_a_clear_error(tmp_path, fake_dir, capfd):
+    """A busy run directory under launcher=torchrun: every rank stops (none waits for rank 0 forever)
+    and the caller gets a GroupnormError, not a child's traceback."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    cfg = tiny(out, fake_dir, launcher="torchrun", train_subset=16, epochs=1, backend="native")
+    with RunLock(out):
+        with pytest.raises(TrainingError, match=rf"training in {out} stopped on rank"):
+            spawn(cfg, start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    err = capfd.readouterr().err
+    assert "another training" in err and "Traceback" not in err
+
+
 def test_resume_continues_exactly(tmp_path, fake_dir, monkeypatch):
     whole = run(tiny(tmp_path / "whole", fake_dir, epochs=3))
 
@@ -176,7 +211,7 @@ def test_resume_continues_exactly(tmp_path, fake_dir, monkeypatch):
 
 def test_existing_run_is_never_overwritten_or_mixed(tmp_path, fake_dir):
     run(tiny(tmp_path / "r", fake_dir, epochs=1))
-    with pytest.raises(FileExistsError, match="resume=True"):
+    with pytest.raises(RunDirError, match="resume=True"):
         run(tiny(tmp_path / "r", fake_dir, epochs=1))
     with pytest.raises(ConfigError, match=r"differs in.*norm \('bn' -> 'gn:2'\)"):
         run(tiny(tmp_path / "r", fake_dir, epochs=1, norm="gn:2", resume=True))
