@@ -10,7 +10,7 @@ import math
 
 from torch import nn
 
-from groupnorm.nn import NormSpec, WSConv2d, make_norm
+from groupnorm.nn import GroupNorm, NormSpec, WSConv2d, make_norm
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *,
@@ -57,6 +57,21 @@ def norm(spec, num_channels: int) -> nn.Module:
 def is_identity(module: nn.Module) -> bool:
     """True for the "none" normalization (``nn.Identity``)."""
     return isinstance(module, nn.Identity)
+
+
+def fuses_residual_relu(norm_layer: nn.Module) -> bool:
+    """Whether ``norm_layer(x, residual=r, activation="relu")`` computes ``relu(norm(x) + r)`` itself,
+    in one pass over the data: our GroupNorm family (GN, LN, IN) without an activation of its own.
+    BatchNorm, "none" and torch's layers do not; a block then adds and applies the ReLU itself."""
+    return isinstance(norm_layer, GroupNorm) and norm_layer.activation is None
+
+
+def norm_add_relu(norm_layer: nn.Module, x, shortcut, relu: nn.Module):
+    """``relu(norm_layer(x) + shortcut)``, the end of a residual block; fused into the norm where
+    ``fuses_residual_relu`` says it can be (the same values, one kernel instead of three passes)."""
+    if fuses_residual_relu(norm_layer):
+        return norm_layer(x, residual=shortcut, activation="relu")
+    return relu(norm_layer(x) + shortcut)
 
 
 def act() -> nn.Module:

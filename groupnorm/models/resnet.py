@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from .init import init_weights
-from .layers import ResidualBlock, act, conv, conv1x1, conv3x3, norm as norm_layer
+from .layers import ResidualBlock, act, conv, conv1x1, conv3x3, norm_add_relu, norm as norm_layer
 
 
 class BasicBlock(ResidualBlock):
     """Two 3x3 convs: conv1(stride) -> norm1 -> relu1 -> conv2 -> norm2, + shortcut, -> relu.
-    in: (N, in_channels, H, W) -> out: (N, channels, H / stride, W / stride)."""
+    in: (N, in_channels, H, W) -> out: (N, channels, H / stride, W / stride).
+    With a GN-family norm2 the add and the ReLU run inside it (``layers.norm_add_relu``)."""
 
     expansion = 1
     last_norm_name = "norm2"
@@ -39,13 +40,13 @@ class BasicBlock(ResidualBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.norm1(self.conv1(x)))
-        out = self.norm2(self.conv2(out))
-        return self.relu(out + shortcut)
+        return norm_add_relu(self.norm2, self.conv2(out), shortcut, self.relu)
 
 
 class Bottleneck(ResidualBlock):
     """1x1 reduce -> 3x3 (stride) -> 1x1 expand (x4), each followed by a norm, + shortcut, -> relu.
-    in: (N, in_channels, H, W) -> out: (N, 4 * channels, H / stride, W / stride)."""
+    in: (N, in_channels, H, W) -> out: (N, 4 * channels, H / stride, W / stride).
+    With a GN-family norm3 the add and the ReLU run inside it (``layers.norm_add_relu``)."""
 
     expansion = 4
     last_norm_name = "norm3"
@@ -69,8 +70,7 @@ class Bottleneck(ResidualBlock):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.norm1(self.conv1(x)))
         out = self.relu2(self.norm2(self.conv2(out)))
-        out = self.norm3(self.conv3(out))
-        return self.relu(out + shortcut)
+        return norm_add_relu(self.norm3, self.conv3(out), shortcut, self.relu)
 
 
 def projection(in_channels: int, out_channels: int, stride: int, *, norm, ws: bool) -> nn.Module:

@@ -34,7 +34,8 @@ class GroupNorm(torch.nn.GroupNorm):
 
     Shape:
         input (N, C, *spatial), rank >= 2, any memory format; output the same.
-        ``forward(input, residual=None)``: residual (input's shape) is added before the activation.
+        ``forward(input, residual=None, activation=None)``: residual (input's shape) is added before
+        the activation; activation, when given, replaces the module's for that call.
     """
 
     def __init__(self, num_groups: int | None = None, num_channels: int | None = None,
@@ -54,9 +55,12 @@ class GroupNorm(torch.nn.GroupNorm):
         self.group_size = num_channels // groups
         self.activation = activation
 
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, *,
+                activation: str | None = None) -> torch.Tensor:
+        # activation, when given, replaces the module's own for this call: a residual block fuses
+        # its final ReLU with norm(out, residual=shortcut, activation="relu")
         return GF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
-                             activation=self.activation, residual=residual)
+                             activation=activation or self.activation, residual=residual)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -60,12 +60,15 @@ def test_zero_init_makes_every_block_identity_plus_shortcut(name, norm, size):
         shortcut = x if block.downsample is None else block.downsample(x)
         seen.append((block, output, torch.relu(shortcut)))
 
-    def main_path_hook(norm_layer, inputs, output):
-        assert (output == 0).all(), "main path of a residual block is not zero at init"
+    def main_path_hook(norm_layer, inputs, kwargs, output):
+        # a norm that fuses the block's add and ReLU returns relu(main path + shortcut)
+        residual = kwargs.get("residual")
+        expected = torch.zeros_like(output) if residual is None else torch.relu(residual)
+        assert torch.equal(output, expected), "main path of a residual block is not zero at init"
 
     for b in blocks:
         b.register_forward_hook(hook)
-        b.last_norm().register_forward_hook(main_path_hook)
+        b.last_norm().register_forward_hook(main_path_hook, with_kwargs=True)
     model(torch.randn(4, 3, size, size) + 0.3)
     assert len(seen) == len(blocks)
     for block, output, expected in seen:
