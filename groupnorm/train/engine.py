@@ -176,6 +176,8 @@ def check_backend(name: str, device: torch.device) -> None:
     """ConfigError, before anything is trained, when backend ``name`` cannot run on ``device`` here
     (e.g. backend=triton without Triton); the registry's message says why and what to do."""
     from groupnorm import backends
+    if name == "auto":  # always runs (falls back to "native"); asking now would only warn early
+        return
     try:
         with backends.use_backend(name):
             backends.resolve(torch.empty(0, device=device))
