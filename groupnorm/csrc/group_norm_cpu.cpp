@@ -64,7 +64,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -110,6 +112,30 @@ inline void vstore(at::Half* p, const fVec& v) {
   at::vec::convert_from_float<at::Half>(v, v).store(p, fVec::size());
 }
 
+// The first n lanes (n <= size; the others load as 0 / are not stored): masked on AVX512.
+inline fVec vload(const float* p, int64_t n) { return fVec::loadu(p, n); }
+inline dVec vload(const double* p, int64_t n) { return dVec::loadu(p, n); }
+template <typename R> inline fVec vload_reduced(const R* p, int64_t n) {
+  if (n == fVec::size()) return vload(p);
+  return std::get<0>(at::vec::convert_to_float<R>(Vectorized<R>::loadu(p, n)));
+}
+inline fVec vload(const at::BFloat16* p, int64_t n) { return vload_reduced(p, n); }
+inline fVec vload(const at::Half* p, int64_t n) { return vload_reduced(p, n); }
+// Partial stores go through a buffer: AVX-512 masked stores are slow on some CPUs (AMD Zen 4).
+template <typename T, typename VV> inline void vstore_part(T* p, const VV& v, int64_t n) {
+  if (n == VV::size()) {
+    vstore(p, v);
+    return;
+  }
+  __at_align__ T buf[VV::size() * 2];  // (room for a reduced type's pair of halves)
+  vstore(buf, v);
+  std::memcpy(p, buf, n * sizeof(T));
+}
+inline void vstore(float* p, const fVec& v, int64_t n) { vstore_part(p, v, n); }
+inline void vstore(double* p, const dVec& v, int64_t n) { vstore_part(p, v, n); }
+inline void vstore(at::BFloat16* p, const fVec& v, int64_t n) { vstore_part(p, v, n); }
+inline void vstore(at::Half* p, const fVec& v, int64_t n) { vstore_part(p, v, n); }
+
 // float lanes -> two double vectors (low half, high half). fVec always has 2x dVec's lanes.
 inline void widen(const fVec& v, dVec& lo, dVec& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -130,13 +156,26 @@ inline void widen(const fVec& v, dVec& lo, dVec& hi) {
 #endif
 }
 
-// Lanes summed in index order: the same bits on every run.
-inline double hsum(const dVec& v) {
+// Lanes summed as a fixed pairwise tree (the same bits on every run; a short dependency chain,
+// which matters when a channel has only 49 elements).
+C10_ALWAYS_INLINE double hsum(const dVec& v) {
   double d[dVec::size()];
   v.store(d);
-  double s = 0;
-  for (int i = 0; i < dVec::size(); ++i) s += d[i];
-  return s;
+  for (int w = dVec::size() / 2; w >= 1; w /= 2) {
+    for (int i = 0; i < w; ++i) d[i] = d[i] + d[i + w];
+  }
+  return d[0];
+}
+
+// Scratch memory that lives as long as the calling thread: per-call arrays (coefficients, partial
+// sums) are not allocated, zeroed and page-faulted again on every call. Slot k holds one array.
+template <typename U> U* scratch(int slot, size_t n) {
+  thread_local std::vector<std::vector<unsigned char>> slots(4);
+  auto& buf = slots[slot];
+  const size_t bytes = n * sizeof(U) + 64;
+  if (buf.size() < bytes) buf.resize(bytes);
+  auto addr = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<U*>((addr + 63) & ~uintptr_t(63));
 }
 
 // A double accumulator fed with compute-type vectors (float vectors are widened).
@@ -144,8 +183,18 @@ struct Acc {
   dVec a = dVec(0.0), b = dVec(0.0);
   inline void add(const fVec& v) { dVec l, h; widen(v, l, h); a = a + l; b = b + h; }
   inline void add(const dVec& v) { a = a + v; }
-  inline double sum() const { return hsum(a + b); }
+  C10_ALWAYS_INLINE double sum() const { return hsum(a + b); }
 };
+
+// Gradient sums run in the compute type over blocks of at most kFlush vectors (so <= kFlush terms
+// per float lane: ~4e-7 relative), then go to double: the float -> double conversions, the
+// costliest part of a double sum, then happen once per block instead of once per vector.
+constexpr int64_t kFlush = 8;
+
+// Lanes [0, split) of b, the others of a.
+template <typename V> C10_ALWAYS_INLINE V first_lanes(const V& b, const V& a, int64_t split) {
+  return V::blendv(a, b, V::arange(0, 1) < V(static_cast<typename V::value_type>(split)));
+}
 
 // Elementwise math written once for scalars and vectors.
 inline float vexp(float v) { return std::exp(v); }
@@ -248,57 +297,80 @@ void sums_run(const T* x, int64_t len, double sh, double& s, double& q) {
   q += qq;
 }
 
-// cl: per-channel s[c] += sum_rows (x - sh[c]), q[c] += sum_rows (x - sh[c])^2 over `rows` rows of C.
+// cl: per-channel s[c] += sum_rows (x - sh[c]), q[c] += sum_rows (x - sh[c])^2 over `rows` rows
+// of C. Blocks of kRowBlock rows: each column vector is summed down the block in registers, then
+// added to the (L1/L2) arrays once, so a wide row's sums (C = 2048: 32 KiB of them) do not go
+// through memory on every row. (Whole columns at a time would read x at a stride of C: with
+// C = 2048 every row maps to the same cache set and no prefetcher follows.)
+constexpr int64_t kRowBlock = 8;
+
 template <typename T>
 void sums_rows(const T* x, int64_t rows, int64_t C, const double* sh, double* s, double* q) {
   using O = op_t<T>;
   constexpr int64_t K = Vectorized<O>::size();
   constexpr int64_t KD = dVec::size();
-  for (int64_t row = 0; row < rows; ++row) {
-    const T* p = x + row * C;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int64_t nr = std::min(kRowBlock, rows - r0);
+    const T* p = x + r0 * C;
     int64_t c = 0;
     for (; c + K <= C; c += K) {
       if constexpr (std::is_same_v<O, float>) {
-        dVec l, h;
-        widen(vload(p + c), l, h);
-        l = l - dVec::loadu(sh + c);
-        h = h - dVec::loadu(sh + c + KD);
-        (dVec::loadu(s + c) + l).store(s + c);
-        (dVec::loadu(s + c + KD) + h).store(s + c + KD);
-        at::vec::fmadd(l, l, dVec::loadu(q + c)).store(q + c);
-        at::vec::fmadd(h, h, dVec::loadu(q + c + KD)).store(q + c + KD);
+        const dVec shl = dVec::loadu(sh + c), shh = dVec::loadu(sh + c + KD);
+        dVec sl(0.0), sh2(0.0), ql(0.0), qh(0.0);
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          dVec l, h;
+          widen(vload(p + rr * C + c), l, h);
+          l = l - shl;
+          h = h - shh;
+          sl = sl + l;
+          sh2 = sh2 + h;
+          ql = at::vec::fmadd(l, l, ql);
+          qh = at::vec::fmadd(h, h, qh);
+        }
+        (dVec::loadu(s + c) + sl).store(s + c);
+        (dVec::loadu(s + c + KD) + sh2).store(s + c + KD);
+        (dVec::loadu(q + c) + ql).store(q + c);
+        (dVec::loadu(q + c + KD) + qh).store(q + c + KD);
       } else {
-        dVec d = vload(p + c) - dVec::loadu(sh + c);
-        (dVec::loadu(s + c) + d).store(s + c);
-        at::vec::fmadd(d, d, dVec::loadu(q + c)).store(q + c);
+        const dVec shv = dVec::loadu(sh + c);
+        dVec sv(0.0), qv(0.0);
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          dVec d = vload(p + rr * C + c) - shv;
+          sv = sv + d;
+          qv = at::vec::fmadd(d, d, qv);
+        }
+        (dVec::loadu(s + c) + sv).store(s + c);
+        (dVec::loadu(q + c) + qv).store(q + c);
       }
     }
     for (; c < C; ++c) {
-      double d = static_cast<double>(static_cast<O>(p[c])) - sh[c];
-      s[c] += d;
-      q[c] += d * d;
+      double ts = 0, tq = 0;
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        double d = static_cast<double>(static_cast<O>(p[rr * C + c])) - sh[c];
+        ts += d;
+        tq += d * d;
+      }
+      s[c] += ts;
+      q[c] += tq;
     }
   }
 }
 
-// y = act((x - hi) * a + cz (+ r)) over a run with scalar coefficients (cf).
+// y = act((x - hi) * a + cz (+ r)) over a run with scalar coefficients (cf). The tail is one
+// masked vector: cf runs are channels, often short (7x7 = 49 = 3 vectors + 1).
 template <typename T, int ACT, bool RES>
 void apply_run(const T* x, const T* r, T* y, int64_t len, op_t<T> hi, op_t<T> a, op_t<T> cz) {
-  using O = op_t<T>;
-  using V = Vectorized<O>;
+  using V = Vectorized<op_t<T>>;
   constexpr int64_t K = V::size();
   const V vhi(hi), va(a), vcz(cz);
+  auto body = [&](int64_t i, int64_t n) {
+    V z = vfma(vload(x + i, n) - vhi, va, vcz);
+    if constexpr (RES) z = z + vload(r + i, n);
+    vstore(y + i, act_fwd<ACT>(z), n);
+  };
   int64_t i = 0;
-  for (; i + K <= len; i += K) {
-    V z = vfma(vload(x + i) - vhi, va, vcz);
-    if constexpr (RES) z = z + vload(r + i);
-    vstore(y + i, act_fwd<ACT>(z));
-  }
-  for (; i < len; ++i) {
-    O z = vfma(static_cast<O>(x[i]) - hi, a, cz);
-    if constexpr (RES) z += static_cast<O>(r[i]);
-    y[i] = static_cast<T>(act_fwd<ACT>(z));
-  }
+  for (; i + K <= len; i += K) body(i, K);
+  if (i < len) body(i, len - i);
 }
 
 // The same along a row of C channels with per-channel coefficient arrays (cl).
@@ -322,49 +394,47 @@ void apply_row(const T* x, const T* r, T* y, int64_t C, const op_t<T>* hi, const
 }
 
 // Backward sums over a run (cf), scalar coefficients: with dz = dy * act'(z) (stored in dr when
-// given), db += sum dz, ds += sum dz (x - hi), sx += sum (x - hi).
+// given), db += sum dz, ds += sum dz (x - hi), sx += sum (x - hi). Masked tail (lanes past the
+// run zeroed before they are summed).
 template <typename T, int ACT, bool RES>
 void bsums_run(const T* x, const T* dy, const T* r, T* dr, int64_t len, op_t<T> hi, op_t<T> a,
                op_t<T> cz, double& db, double& ds, double& sx) {
-  using O = op_t<T>;
-  using V = Vectorized<O>;
+  using V = Vectorized<op_t<T>>;
   constexpr int64_t K = V::size();
-  const V vhi(hi), va(a), vcz(cz);
+  const V vhi(hi), va(a), vcz(cz), zero(0);
   Acc adb, ads, asx;
-  int64_t i = 0;
-  for (; i + K <= len; i += K) {
-    V xm = vload(x + i) - vhi;
-    V dz = vload(dy + i);
-    if constexpr (ACT != 0) {
-      V z = vfma(xm, va, vcz);
-      if constexpr (RES) z = z + vload(r + i);
-      dz = act_bwd<ACT>(z, dz);
-      if (dr) vstore(dr + i, dz);
+  for (int64_t i0 = 0; i0 < len; i0 += kFlush * K) {
+    const int64_t i1 = std::min(len, i0 + kFlush * K);
+    V fdb(0), fds(0), fsx(0);
+    for (int64_t i = i0; i < i1; i += K) {
+      const int64_t n = std::min(K, i1 - i);
+      V xm = vload(x + i, n) - vhi;
+      V dz = vload(dy + i, n);
+      if constexpr (ACT != 0) {
+        V z = vfma(xm, va, vcz);
+        if constexpr (RES) z = z + vload(r + i, n);
+        dz = act_bwd<ACT>(z, dz);
+        if (dr) vstore(dr + i, dz, n);
+      }
+      if (n < K) {
+        xm = first_lanes(xm, zero, n);
+        dz = first_lanes(dz, zero, n);
+      }
+      fdb = fdb + dz;
+      fds = vfma(dz, xm, fds);
+      fsx = fsx + xm;
     }
-    adb.add(dz);
-    ads.add(dz * xm);
-    asx.add(xm);
+    adb.add(fdb);
+    ads.add(fds);
+    asx.add(fsx);
   }
-  double tdb = adb.sum(), tds = ads.sum(), tsx = asx.sum();
-  for (; i < len; ++i) {
-    O xm = static_cast<O>(x[i]) - hi;
-    O dz = static_cast<O>(dy[i]);
-    if constexpr (ACT != 0) {
-      O z = vfma(xm, a, cz);
-      if constexpr (RES) z += static_cast<O>(r[i]);
-      dz = act_bwd<ACT>(z, dz);
-      if (dr) dr[i] = static_cast<T>(dz);
-    }
-    tdb += dz;
-    tds += static_cast<double>(dz * xm);
-    tsx += xm;
-  }
-  db += tdb;
-  ds += tds;
-  sx += tsx;
+  db += adb.sum();
+  ds += ads.sum();
+  sx += asx.sum();
 }
 
 // The same along `rows` rows of C channels (cl), per-channel arrays; acc = [db | ds | sx] (3C).
+// Blocks of kRowBlock rows, as in sums_rows.
 template <typename T, int ACT, bool RES>
 void bsums_rows(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_t C,
                 const op_t<T>* hi, const op_t<T>* a, const op_t<T>* cz, double* acc) {
@@ -375,82 +445,84 @@ void bsums_rows(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_
   double* adb = acc;
   double* ads = acc + C;
   double* asx = acc + 2 * C;
-  auto add = [](double* p, const V& v) {
-    if constexpr (std::is_same_v<O, float>) {
-      dVec l, h;
-      widen(v, l, h);
-      (dVec::loadu(p) + l).store(p);
-      (dVec::loadu(p + KD) + h).store(p + KD);
-    } else {
-      (dVec::loadu(p) + v).store(p);
-    }
+  auto flush = [](double* p, const Acc& v) {
+    (dVec::loadu(p) + v.a).store(p);
+    if constexpr (std::is_same_v<O, float>) (dVec::loadu(p + KD) + v.b).store(p + KD);
   };
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t o = row * C;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int64_t nr = std::min(kRowBlock, rows - r0);
     int64_t c = 0;
     for (; c + K <= C; c += K) {
-      V xm = vload(x + o + c) - V::loadu(hi + c);
-      V dz = vload(dy + o + c);
-      if constexpr (ACT != 0) {
-        V z = vfma(xm, V::loadu(a + c), V::loadu(cz + c));
-        if constexpr (RES) z = z + vload(r + o + c);
-        dz = act_bwd<ACT>(z, dz);
-        if (dr) vstore(dr + o + c, dz);
+      const V vhi = V::loadu(hi + c), va = V::loadu(a + c), vcz = V::loadu(cz + c);
+      V fdb(0), fds(0), fsx(0);  // kRowBlock == kFlush terms per lane in the compute type
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        const int64_t o = (r0 + rr) * C + c;
+        V xm = vload(x + o) - vhi;
+        V dz = vload(dy + o);
+        if constexpr (ACT != 0) {
+          V z = vfma(xm, va, vcz);
+          if constexpr (RES) z = z + vload(r + o);
+          dz = act_bwd<ACT>(z, dz);
+          if (dr) vstore(dr + o, dz);
+        }
+        fdb = fdb + dz;
+        fds = vfma(dz, xm, fds);
+        fsx = fsx + xm;
       }
-      add(adb + c, dz);
-      add(ads + c, dz * xm);
-      add(asx + c, xm);
+      Acc sdb, sds, ssx;
+      sdb.add(fdb);
+      sds.add(fds);
+      ssx.add(fsx);
+      flush(adb + c, sdb);
+      flush(ads + c, sds);
+      flush(asx + c, ssx);
     }
     for (; c < C; ++c) {
-      O xm = static_cast<O>(x[o + c]) - hi[c];
-      O dz = static_cast<O>(dy[o + c]);
-      if constexpr (ACT != 0) {
-        O z = vfma(xm, a[c], cz[c]);
-        if constexpr (RES) z += static_cast<O>(r[o + c]);
-        dz = act_bwd<ACT>(z, dz);
-        if (dr) dr[o + c] = static_cast<T>(dz);
+      double tdb = 0, tds = 0, tsx = 0;
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        const int64_t o = (r0 + rr) * C + c;
+        O xm = static_cast<O>(x[o]) - hi[c];
+        O dz = static_cast<O>(dy[o]);
+        if constexpr (ACT != 0) {
+          O z = vfma(xm, a[c], cz[c]);
+          if constexpr (RES) z += static_cast<O>(r[o]);
+          dz = act_bwd<ACT>(z, dz);
+          if (dr) dr[o] = static_cast<T>(dz);
+        }
+        tdb += dz;
+        tds += static_cast<double>(dz * xm);
+        tsx += xm;
       }
-      adb[c] += dz;
-      ads[c] += static_cast<double>(dz * xm);
-      asx[c] += xm;
+      adb[c] += tdb;
+      ads[c] += tds;
+      asx[c] += tsx;
     }
   }
 }
 
 // dx = k1 dz + k2 (x - hi) + k3 over a run (cf, scalars). dz: read back from dr when the sums
-// pass stored it, else dy (ACT 0) or recomputed.
+// pass stored it, else dy (ACT 0) or recomputed. Masked tail.
 template <typename T, int ACT, bool RES>
 void dx_run(const T* x, const T* dy, const T* r, const T* dzs, T* dx, int64_t len, op_t<T> hi,
             op_t<T> a, op_t<T> cz, op_t<T> k1, op_t<T> k2, op_t<T> k3) {
-  using O = op_t<T>;
-  using V = Vectorized<O>;
+  using V = Vectorized<op_t<T>>;
   constexpr int64_t K = V::size();
   const V vhi(hi), va(a), vcz(cz), vk1(k1), vk2(k2), vk3(k3);
-  int64_t i = 0;
-  for (; i + K <= len; i += K) {
-    V xm = vload(x + i) - vhi;
+  auto body = [&](int64_t i, int64_t n) {
+    V xm = vload(x + i, n) - vhi;
     V dz;
     if (ACT == 0 || dzs) {
-      dz = vload((ACT == 0 ? dy : dzs) + i);
+      dz = vload((ACT == 0 ? dy : dzs) + i, n);
     } else {
       V z = vfma(xm, va, vcz);
-      if constexpr (RES) z = z + vload(r + i);
-      dz = act_bwd<ACT>(z, vload(dy + i));
+      if constexpr (RES) z = z + vload(r + i, n);
+      dz = act_bwd<ACT>(z, vload(dy + i, n));
     }
-    vstore(dx + i, vfma(dz, vk1, vfma(xm, vk2, vk3)));
-  }
-  for (; i < len; ++i) {
-    O xm = static_cast<O>(x[i]) - hi;
-    O dz;
-    if (ACT == 0 || dzs) {
-      dz = static_cast<O>((ACT == 0 ? dy : dzs)[i]);
-    } else {
-      O z = vfma(xm, a, cz);
-      if constexpr (RES) z += static_cast<O>(r[i]);
-      dz = act_bwd<ACT>(z, static_cast<O>(dy[i]));
-    }
-    dx[i] = static_cast<T>(vfma(dz, k1, vfma(xm, k2, k3)));
-  }
+    vstore(dx + i, vfma(dz, vk1, vfma(xm, vk2, vk3)), n);
+  };
+  int64_t i = 0;
+  for (; i + K <= len; i += K) body(i, K);
+  if (i < len) body(i, len - i);
 }
 
 // The same along a row (cl); coefficient arrays.
@@ -485,6 +557,148 @@ void dx_row(const T* x, const T* dy, const T* r, const T* dzs, T* dx, int64_t C,
       dz = act_bwd<ACT>(z, static_cast<O>(dy[c]));
     }
     dx[c] = static_cast<T>(vfma(dz, k1[c], vfma(xm, k2[c], k3[c])));
+  }
+}
+
+// cf groups with S >= K channels' worth of positions are walked as one run of vectors that go on
+// across channel boundaries, rather than channel by channel: a channel of 49 elements would
+// otherwise end in a partial vector (and start the next one misaligned) every 49 elements. A
+// vector at [i, i + n) (n < K: the last one) has lanes [0, split) in channel c and lanes
+// [split, n) in channel c + 1 (split == n: all in c). (Explicit loops, no lambdas: accumulators
+// captured by reference in a lambda that the compiler does not inline live in memory.)
+
+// Per-channel coefficient v[c] as a vector, v[c + 1] in the lanes from split on.
+template <typename V, typename O>
+C10_ALWAYS_INLINE V coef_vec(const O* v, int64_t c, int64_t split, int64_t n) {
+  return split < n ? first_lanes(V(v[c]), V(v[c + 1]), split) : V(v[c]);
+}
+
+// forward output over a cf group's [e0, e1): y = act((x - hi) * a_c + cz_c (+ r)); S >= K.
+template <typename T, int ACT, bool RES>
+void apply_group(const T* x, const T* r, T* y, int64_t e0, int64_t e1, int64_t S, op_t<T> hi,
+                 const op_t<T>* a, const op_t<T>* cz) {
+  using V = Vectorized<op_t<T>>;
+  constexpr int64_t K = V::size();
+  const V vhi(hi);
+  int64_t c = e0 / S, bound = (c + 1) * S;
+  for (int64_t i = e0; i < e1; i += K) {
+    const int64_t n = std::min(K, e1 - i);
+    const int64_t split = std::min(n, bound - i);
+    V z = vfma(vload(x + i, n) - vhi, coef_vec<V>(a, c, split, n), coef_vec<V>(cz, c, split, n));
+    if constexpr (RES) z = z + vload(r + i, n);
+    vstore(y + i, act_fwd<ACT>(z), n);
+    if (i + n >= bound) {
+      ++c;
+      bound += S;
+    }
+  }
+}
+
+// backward sums over a cf group's [e0, e1), S >= K: per channel db[c] += sum dz,
+// ds[c] += sum dz (x - hi); sx += sum (x - hi) for the group. Float blocks as in bsums_run.
+template <typename T, int ACT, bool RES>
+void bsums_group(const T* x, const T* dy, const T* r, T* dr, int64_t e0, int64_t e1, int64_t S,
+                 op_t<T> hi, const op_t<T>* a, const op_t<T>* cz, double* db, double* ds,
+                 double& sx) {
+  using V = Vectorized<op_t<T>>;
+  constexpr int64_t K = V::size();
+  const V vhi(hi), zero(0);
+  V fdb(0), fds(0), fsx(0);
+  Acc adb, ads, asx;
+  int64_t nc = 0, nx = 0;  // vectors in the float blocks of the channel / of sx
+  int64_t c = e0 / S, bound = (c + 1) * S;
+  for (int64_t i = e0; i < e1; i += K) {
+    const int64_t n = std::min(K, e1 - i);
+    const int64_t split = std::min(n, bound - i);
+    V xm = vload(x + i, n) - vhi;
+    V dz = vload(dy + i, n);
+    if constexpr (ACT != 0) {
+      V z = vfma(xm, coef_vec<V>(a, c, split, n), coef_vec<V>(cz, c, split, n));
+      if constexpr (RES) z = z + vload(r + i, n);
+      dz = act_bwd<ACT>(z, dz);
+      if (dr) vstore(dr + i, dz, n);
+    }
+    if (n < K) {
+      xm = first_lanes(xm, zero, n);
+      dz = first_lanes(dz, zero, n);
+    }
+    fsx = fsx + xm;
+    if (++nx == kFlush) {
+      asx.add(fsx);
+      fsx = zero;
+      nx = 0;
+    }
+    const V p = dz * xm;
+    if (split < n) {  // the vector ends channel c and starts c + 1
+      adb.add(fdb + first_lanes(dz, zero, split));
+      ads.add(fds + first_lanes(p, zero, split));
+      db[c] += adb.sum();
+      ds[c] += ads.sum();
+      adb = Acc();
+      ads = Acc();
+      fdb = first_lanes(zero, dz, split);
+      fds = first_lanes(zero, p, split);
+      nc = 1;
+      ++c;
+      bound += S;
+      continue;
+    }
+    fdb = fdb + dz;
+    fds = fds + p;
+    if (i + n == bound || i + n == e1) {  // channel c's part ends with this vector
+      adb.add(fdb);
+      ads.add(fds);
+      db[c] += adb.sum();
+      ds[c] += ads.sum();
+      adb = Acc();
+      ads = Acc();
+      fdb = fds = zero;
+      nc = 0;
+      ++c;
+      bound += S;
+    } else if (++nc == kFlush) {
+      adb.add(fdb);
+      ads.add(fds);
+      fdb = fds = zero;
+      nc = 0;
+    }
+  }
+  if (nc) {  // (a chunk that ends right after a split vector)
+    adb.add(fdb);
+    ads.add(fds);
+    db[c] += adb.sum();
+    ds[c] += ads.sum();
+  }
+  asx.add(fsx);
+  sx += asx.sum();
+}
+
+// dx over a cf group's [e0, e1), S >= K (see dx_run).
+template <typename T, int ACT, bool RES>
+void dx_group(const T* x, const T* dy, const T* r, const T* dzs, T* dx, int64_t e0, int64_t e1,
+              int64_t S, op_t<T> hi, const op_t<T>* a, const op_t<T>* cz, const op_t<T>* k1,
+              op_t<T> k2, op_t<T> k3) {
+  using V = Vectorized<op_t<T>>;
+  constexpr int64_t K = V::size();
+  const V vhi(hi), vk2(k2), vk3(k3);
+  int64_t c = e0 / S, bound = (c + 1) * S;
+  for (int64_t i = e0; i < e1; i += K) {
+    const int64_t n = std::min(K, e1 - i);
+    const int64_t split = std::min(n, bound - i);
+    V xm = vload(x + i, n) - vhi;
+    V dz;
+    if (ACT == 0 || dzs) {
+      dz = vload((ACT == 0 ? dy : dzs) + i, n);
+    } else {
+      V z = vfma(xm, coef_vec<V>(a, c, split, n), coef_vec<V>(cz, c, split, n));
+      if constexpr (RES) z = z + vload(r + i, n);
+      dz = act_bwd<ACT>(z, vload(dy + i, n));
+    }
+    vstore(dx + i, vfma(dz, coef_vec<V>(k1, c, split, n), vfma(xm, vk2, vk3)), n);
+    if (i + n >= bound) {
+      ++c;
+      bound += S;
+    }
   }
 }
 
@@ -604,7 +818,7 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
   const int64_t N = sh.N, C = sh.C, G = sh.G, D = sh.D, S = sh.S;
   const int64_t cnt = D * S;
   // Per (n, c): hi (the rounded group mean), a = gamma rstd, cz = beta - a lo.
-  std::vector<O> coef(static_cast<size_t>(N * 3 * C));
+  O* coef = scratch<O>(0, static_cast<size_t>(N * 3 * C));
   auto coefs = [&](int64_t n, int64_t g, double shift, double s, double q) {
     const double md = s / cnt;
     const double var = std::max(q / cnt - md * md, 0.0);
@@ -614,7 +828,7 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
     const double lo = mu - static_cast<double>(hi);
     A.mean[n * G + g] = static_cast<O>(mu);
     A.rstd[n * G + g] = static_cast<O>(rs);
-    O* row = coef.data() + n * 3 * C;
+    O* row = coef + n * 3 * C;
     for (int64_t c = g * D; c < (g + 1) * D; ++c) {
       const double a = A.gamma[c] * rs;
       row[c] = hi;
@@ -628,7 +842,13 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
     // unit u = group (n, g): elements [u * cnt, (u + 1) * cnt)
     auto output = [&](int64_t u, int64_t e0, int64_t e1) {
       const int64_t n = u / G, g = u % G;
-      const O* row = coef.data() + n * 3 * C;
+      const O* row = coef + n * 3 * C;
+      if (S >= Vectorized<O>::size()) {
+        const int64_t o = u * cnt;
+        apply_group<T, ACT, RES>(A.x + o, RES ? A.r + o : nullptr, A.y + o, e0, e1, S,
+                                 row[g * D], row + C + g * D, row + 2 * C + g * D);
+        return;
+      }
       channel_runs(e0, e1, S, [&](int64_t cl, int64_t s0, int64_t s1) {
         const int64_t c = g * D + cl;
         const int64_t o = u * cnt + cl * S + s0;
@@ -636,7 +856,7 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
                                row[C + c], row[2 * C + c]);
       });
     };
-    std::vector<double> part(sp.Q > 1 ? static_cast<size_t>(sp.units * sp.Q * 2) : 0);
+    double* part = scratch<double>(1, sp.Q > 1 ? static_cast<size_t>(sp.units * sp.Q * 2) : 0);
     drive(
         sp, sizeof(T),
         [&](int64_t u) {
@@ -686,16 +906,16 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
     }
   };
   auto output = [&](int64_t n, int64_t r0, int64_t r1) {
-    const O* row = coef.data() + n * 3 * C;
+    const O* row = coef + n * 3 * C;
     for (int64_t rr = r0; rr < r1; ++rr) {
       const int64_t o = (n * S + rr) * C;
       apply_row<T, ACT, RES>(A.x + o, RES ? A.r + o : nullptr, A.y + o, C, row, row + C,
                              row + 2 * C);
     }
   };
-  std::vector<double> shv_all(sp.Q > 1 ? static_cast<size_t>(N * C) : 0);
-  std::vector<double> part(sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 2 * C) : 0);
-  for (int64_t n = 0; sp.Q > 1 && n < N; ++n) shifts(n, shv_all.data() + n * C);
+  double* shv_all = scratch<double>(2, sp.Q > 1 ? static_cast<size_t>(N * C) : 0);
+  double* part = scratch<double>(1, sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 2 * C) : 0);
+  for (int64_t n = 0; sp.Q > 1 && n < N; ++n) shifts(n, shv_all + n * C);
   drive(
       sp, sizeof(T),
       [&](int64_t n) {
@@ -707,8 +927,8 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
         output(n, 0, S);
       },
       [&](int64_t n, int64_t k) {
-        const double* shv = shv_all.data() + n * C;
-        double* s = part.data() + (n * sp.Q + k) * 2 * C;
+        const double* shv = shv_all + n * C;
+        double* s = part + (n * sp.Q + k) * 2 * C;
         std::fill(s, s + 2 * C, 0.0);
         const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
         sums_rows(A.x + (n * S + r0) * C, r1 - r0, C, shv, s, s + C);
@@ -716,10 +936,10 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
       [&](int64_t n) {
         std::vector<double> tot(2 * C, 0.0);
         for (int64_t k = 0; k < sp.Q; ++k) {
-          const double* s = part.data() + (n * sp.Q + k) * 2 * C;
+          const double* s = part + (n * sp.Q + k) * 2 * C;
           for (int64_t c = 0; c < 2 * C; ++c) tot[c] += s[c];
         }
-        merge_groups(n, shv_all.data() + n * C, tot.data(), tot.data() + C);
+        merge_groups(n, shv_all + n * C, tot.data(), tot.data() + C);
       },
       [&](int64_t n, int64_t k) { output(n, k * R, std::min(S, k * R + R)); });
 }
@@ -748,8 +968,9 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
   const int64_t N = sh.N, C = sh.C, G = sh.G, D = sh.D, S = sh.S;
   const int64_t cnt = D * S;
   // Per (n, c): [hi, a, cz, k1, k2, k3] x C.
-  std::vector<O> coef(static_cast<size_t>(N * 6 * C));
-  std::vector<double> lo_pre(static_cast<size_t>(N * G), 0.0);
+  O* coef = scratch<O>(0, static_cast<size_t>(N * 6 * C));
+  double* lo_pre = scratch<double>(2, static_cast<size_t>(N * G));
+  std::fill(lo_pre, lo_pre + N * G, 0.0);
 
   // With an activation, z needs lo when the rounding of the mean shows in z: get the exact mean
   // first (one more read of x, only then).
@@ -787,7 +1008,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
     }
   }
   for (int64_t n = 0; n < N; ++n) {
-    O* row = coef.data() + n * 6 * C;
+    O* row = coef + n * 6 * C;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = n * G + c / D;
       const double a = A.gamma[c] * static_cast<double>(A.rstd[i]);
@@ -809,7 +1030,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
       tg += gm * (ds[c] - lo * db[c]);
     }
     const double mA = sg / cnt, mB = rs * tg / cnt;  // mean_g(gamma dz), mean_g(gamma dz x_hat)
-    O* row = coef.data() + n * 6 * C;
+    O* row = coef + n * 6 * C;
     const O k2 = static_cast<O>(-rs * rs * mB);
     const O k3 = static_cast<O>(-rs * mA + rs * rs * mB * lo);
     for (int64_t c = 0; c < D; ++c) {
@@ -829,7 +1050,15 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
   if (!sh.cl) {
     auto sums = [&](int64_t u, int64_t e0, int64_t e1, double* acc /*3 x D*/) {
       const int64_t n = u / G, g = u % G;
-      const O* row = coef.data() + n * 6 * C;
+      const O* row = coef + n * 6 * C;
+      if (S >= Vectorized<O>::size()) {  // the group's sx goes to its first channel's slot
+        const int64_t o = u * cnt;
+        bsums_group<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr,
+                                 A.dr ? A.dr + o : nullptr, e0, e1, S, row[g * D],
+                                 row + C + g * D, row + 2 * C + g * D, acc, acc + D,
+                                 acc[2 * D + e0 / S]);
+        return;
+      }
       channel_runs(e0, e1, S, [&](int64_t cl, int64_t s0, int64_t s1) {
         const int64_t c = g * D + cl;
         const int64_t o = u * cnt + cl * S + s0;
@@ -841,7 +1070,15 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
     auto output = [&](int64_t u, int64_t e0, int64_t e1) {
       if (!A.dx) return;
       const int64_t n = u / G, g = u % G;
-      const O* row = coef.data() + n * 6 * C;
+      const O* row = coef + n * 6 * C;
+      if (S >= Vectorized<O>::size()) {
+        const int64_t o = u * cnt;
+        dx_group<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr,
+                              A.dr ? A.dr + o : nullptr, A.dx + o, e0, e1, S, row[g * D],
+                              row + C + g * D, row + 2 * C + g * D, row + 3 * C + g * D,
+                              row[4 * C + g * D], row[5 * C + g * D]);
+        return;
+      }
       channel_runs(e0, e1, S, [&](int64_t cl, int64_t s0, int64_t s1) {
         const int64_t c = g * D + cl;
         const int64_t o = u * cnt + cl * S + s0;
@@ -850,7 +1087,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
                             row[4 * C + c], row[5 * C + c]);
       });
     };
-    std::vector<double> part(sp.Q > 1 ? static_cast<size_t>(sp.units * sp.Q * 3 * D) : 0);
+    double* part = scratch<double>(1, sp.Q > 1 ? static_cast<size_t>(sp.units * sp.Q * 3 * D) : 0);
     drive(
         sp, 2 * sizeof(T),
         [&](int64_t u) {
@@ -860,7 +1097,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
           output(u, 0, cnt);
         },
         [&](int64_t u, int64_t k) {
-          double* acc = part.data() + (u * sp.Q + k) * 3 * D;
+          double* acc = part + (u * sp.Q + k) * 3 * D;
           std::fill(acc, acc + 3 * D, 0.0);
           sums(u, cnt * k / sp.Q, cnt * (k + 1) / sp.Q, acc);
         },
@@ -868,7 +1105,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
           std::vector<double> tot(3 * D, 0.0);
           for (int64_t k = 0; k < sp.Q; ++k) {
             const int64_t e0 = cnt * k / sp.Q, e1 = cnt * (k + 1) / sp.Q;
-            const double* acc = part.data() + (u * sp.Q + k) * 3 * D;
+            const double* acc = part + (u * sp.Q + k) * 3 * D;
             for (int64_t c = e0 / S; c * S < e1; ++c) {  // the channels chunk k touched
               for (int j = 0; j < 3; ++j) tot[j * D + c] += acc[j * D + c];
             }
@@ -881,7 +1118,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
 
   const int64_t R = sp.rows;
   auto sums = [&](int64_t n, int64_t r0, int64_t r1, double* acc /*3 x C*/) {
-    const O* row = coef.data() + n * 6 * C;
+    const O* row = coef + n * 6 * C;
     const int64_t o = (n * S + r0) * C;
     bsums_rows<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr, A.dr ? A.dr + o : nullptr,
                             r1 - r0, C, row, row + C, row + 2 * C, acc);
@@ -893,7 +1130,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
   };
   auto output = [&](int64_t n, int64_t r0, int64_t r1) {
     if (!A.dx) return;
-    const O* row = coef.data() + n * 6 * C;
+    const O* row = coef + n * 6 * C;
     for (int64_t rr = r0; rr < r1; ++rr) {
       const int64_t o = (n * S + rr) * C;
       dx_row<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr, A.dr ? A.dr + o : nullptr,
@@ -901,7 +1138,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
                           row + 5 * C);
     }
   };
-  std::vector<double> part(sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 3 * C) : 0);
+  double* part = scratch<double>(1, sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 3 * C) : 0);
   drive(
       sp, 2 * sizeof(T),
       [&](int64_t n) {
@@ -911,14 +1148,14 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
         output(n, 0, S);
       },
       [&](int64_t n, int64_t k) {
-        double* acc = part.data() + (n * sp.Q + k) * 3 * C;
+        double* acc = part + (n * sp.Q + k) * 3 * C;
         std::fill(acc, acc + 3 * C, 0.0);
         sums(n, k * R, std::min(S, k * R + R), acc);
       },
       [&](int64_t n) {
         std::vector<double> tot(3 * C, 0.0);
         for (int64_t k = 0; k < sp.Q; ++k) {
-          const double* acc = part.data() + (n * sp.Q + k) * 3 * C;
+          const double* acc = part + (n * sp.Q + k) * 3 * C;
           for (int64_t c = 0; c < 3 * C; ++c) tot[c] += acc[c];
         }
         finish_sample(n, tot.data());
@@ -1125,7 +1362,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   Tensor rstd = rstd_in.to(stat_type(x_in)).contiguous();
   const std::vector<double> gamma = param_values(weight, C, 1.0);
   const std::vector<double> beta = param_values(bias, C, 0.0);
-  std::vector<double> wb((need_dw || need_db) ? static_cast<size_t>(N * C * 2) : 0);
+  double* wb = scratch<double>(3, (need_dw || need_db) ? static_cast<size_t>(N * C * 2) : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gn_backward", [&] {
     BackwardArgs<scalar_t> A{sh,
                              dy.const_data_ptr<scalar_t>(),
@@ -1137,7 +1374,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
                              beta.data(),
                              need_dx ? dx.data_ptr<scalar_t>() : nullptr,
                              store_dr ? dr.data_ptr<scalar_t>() : nullptr,
-                             wb.empty() ? nullptr : wb.data()};
+                             (need_dw || need_db) ? wb : nullptr};
     dispatch_act(act, [&](auto a) {
       if (use_res) {
         backward_kernel<scalar_t, decltype(a)::value, true>(A);
