@@ -97,7 +97,7 @@ def available(name: str) -> str | None:
     if name not in _reasons:
         try:
             module = importlib.import_module(_MODULES[name])
-            reason = module.available() if hasattr(module, "available") else "not ported yet"  # TEMP
+            reason = module.available()
         except ImportError as exc:   # the kernel library itself is missing (Triton not installed)
             reason = f"{type(exc).__name__}: {exc}"
         if reason is None:
