@@ -125,9 +125,9 @@ def error_text(exc) -> str:
 class Clock:
     """Eager wall time and CUDA-graph kernel time on a GPU; wall time only on the CPU (--dry)."""
 
-    def __init__(self, device, rounds=5, calls=10, warmup=3):
+    def __init__(self, device, rounds=5, calls=10, warmup=3, stat=statistics.median):
         self.cuda = device.type == "cuda"
-        self.rounds, self.calls, self.warmup = rounds, calls, warmup
+        self.rounds, self.calls, self.warmup, self.stat = rounds, calls, warmup, stat
 
     def sync(self):
         if self.cuda:
@@ -145,7 +145,7 @@ class Clock:
                 fn((r * self.calls + j) % nsets)
             self.sync()
             times.append((time.perf_counter() - t) / self.calls * 1e3)
-        return statistics.median(times)
+        return self.stat(times)
 
     def graph_ms(self, fn, nsets, warmup=3):
         """Kernel time: `calls` calls (rotating sets) captured in one CUDA graph, replayed; median per call."""
@@ -661,8 +661,10 @@ def run_host(rep, quick=False):
     gt._sm_count = lambda index: 132
     gt._INTERPRET = False                 # plans as on a GPU (nothing is launched)
     route_cpu_to_triton()
-    clock = Clock(torch.device("cpu"), rounds=3 if quick else 7, calls=20 if quick else 200)
-    log("== host path per call on the CPU, kernel launches stubbed (us); launches per call")
+    # the best round: on a shared CPU other processes only ever add time to ours
+    clock = Clock(torch.device("cpu"), rounds=3 if quick else 15, calls=20 if quick else 100, stat=min)
+    log("== host path per call on the CPU, kernel launches stubbed (us, best of 15 rounds of 100 calls); "
+        "launches per call")
     log(f"{'plan':7s} {'shape':16s} {'layout':6s} {'mode':11s} {'module':>8s} {'backend':>8s} {'impl':>7s} "
         f"{'launches':>8s}")
     for kind, shape in HOST_CASES[:1] if quick else HOST_CASES:
