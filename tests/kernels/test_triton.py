@@ -495,6 +495,19 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled(xc), model(xc))
 
 
+def test_compile_through_the_module_and_registry():
+    """The user's path (nn.GroupNorm -> functional -> registry -> this backend) traces with fullgraph=True
+    once the backend is loaded (the registry imports it on the first eager call)."""
+    norm = groupnorm.nn.GroupNorm(4, 8, activation="silu").to(DEVICE)
+    x, r = make((2, 8, 4, 4), "cl"), make((2, 8, 4, 4), "cl", seed=2)
+    with groupnorm.use_backend("triton"):
+        eager = norm(x, residual=r)
+        compiled = torch.compile(lambda x, r: norm(x, residual=r, activation="relu"), fullgraph=True,
+                                 backend="aot_eager")
+        torch.testing.assert_close(compiled(x, r), norm(x, residual=r, activation="relu"), rtol=0, atol=0)
+    assert eager.stride() == x.stride()
+
+
 def test_opcheck():
     x = make((2, 8, 3, 3))
     w, b = params(8)
