@@ -843,6 +843,10 @@ def _forward_impl(x, weight, bias, residual, num_groups: int, eps: float, act: i
     else:
         shape, xstride = x.shape, x.stride()
         rstride = None if residual is None else residual.stride()
+    if weight is not None and not weight.is_contiguous():   # the kernels read parameters at stride 1
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     wdt = None if weight is None else weight.dtype
     bdt = None if bias is None else bias.dtype
     dev_index = x.get_device()
@@ -896,6 +900,10 @@ def _backward_impl(dy, x, weight, bias, residual, stats, num_groups: int, act: i
     else:
         shape, xstride, dystride = x.shape, x.stride(), dy.stride()
         rstride = None if r_used is None else r_used.stride()
+    if weight is not None and not weight.is_contiguous():   # the kernels read parameters at stride 1
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     wdt = None if weight is None else weight.dtype
     bdt = None if bias is None else bias.dtype
     dev_index = x.get_device()

@@ -195,6 +195,14 @@ def test_weight_only_bias_only_and_partial_gradients():
             assert rel_err(grad, ref[wanted]) < 2e-5, (kind, wanted)
 
 
+def test_strided_parameters():
+    """weight and bias as strided views (a slice, an expanded scalar) are read as what they are."""
+    x = make((2, 6, 3, 3))
+    w = torch.linspace(0.5, 1.5, 12, device=DEVICE)[::2]
+    b = torch.full((1,), 0.25, device=DEVICE).expand(6)
+    check(x, 3, w, b, None, "silu", 1e-5, 2e-5)
+
+
 def test_residual_without_activation_passes_dy_on():
     x = make((2, 4, 3, 3))
     r = make(x.shape, seed=2, requires_grad=True)
