@@ -39,8 +39,10 @@ class BasicBlock(ResidualBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.norm1(self.conv1(x)))
-        return norm_add_relu(self.norm2, self.conv2(out), shortcut, self.relu)
+        out = self.conv2(self.relu1(self.norm1(self.conv1(x))))
+        if not torch.jit.is_scripting():   # TorchScript cannot compile the helper: unfused there
+            return norm_add_relu(self.norm2, out, shortcut, self.relu)
+        return self.relu(self.norm2(out) + shortcut)
 
 
 class Bottleneck(ResidualBlock):
@@ -69,8 +71,10 @@ class Bottleneck(ResidualBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.norm1(self.conv1(x)))
-        out = self.relu2(self.norm2(self.conv2(out)))
-        return norm_add_relu(self.norm3, self.conv3(out), shortcut, self.relu)
+        out = self.conv3(self.relu2(self.norm2(self.conv2(out))))
+        if not torch.jit.is_scripting():   # TorchScript cannot compile the helper: unfused there
+            return norm_add_relu(self.norm3, out, shortcut, self.relu)
+        return self.relu(self.norm3(out) + shortcut)
 
 
 def projection(in_channels: int, out_channels: int, stride: int, *, norm, ws: bool) -> nn.Module:
