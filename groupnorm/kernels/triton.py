@@ -578,7 +578,9 @@ def _count(launch, stream, args):
 
 
 def _traced_kernels():
-    """Every kernel, named in a wrap_triton call, so that torch's compile caches hash their source."""
+    """Every kernel, named in a wrap_triton call in the source of the ops' bodies (torch reads that source
+    to find the kernels of a triton_op, whose source its compile caches hash: an edited kernel must not
+    reuse a stale compiled graph). Called at trace time only."""
     return (torch.library.wrap_triton(_fwd_kernel), torch.library.wrap_triton(_fwd_part_kernel),
             torch.library.wrap_triton(_fwd_apply_kernel), torch.library.wrap_triton(_bwd_kernel),
             torch.library.wrap_triton(_bwd_part_kernel), torch.library.wrap_triton(_bwd_dx_kernel),
@@ -1037,12 +1039,14 @@ class _GroupNorm(torch.autograd.Function):
 def _op_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
             num_groups: int, eps: float, act: int) -> tuple[Tensor, Tensor]:
     """(y, stats); stats: the planes hi, lo, rstd of the group statistics, then scratch."""
+    _traced_kernels()   # names every kernel for torch's compile caches (see there)
     return _forward_impl(x, weight, bias, residual, num_groups, eps, act, mode="traced")
 
 
 def _op_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
             stats: Tensor, num_groups: int, act: int, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dresidual); an output that is not needed has 0 elements."""
+    _traced_kernels()
     out = _backward_impl(dy, x, weight, bias, residual, stats, num_groups, act, *needs, mode="traced")
     return tuple(x.new_empty(0) if t is None else t for t in out)
 

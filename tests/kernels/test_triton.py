@@ -568,10 +568,14 @@ for shape in [(2, 64, 8, 8), (1, 256, 64, 64)]:
                if "triton_kernel_wrapper" in str(n.target)]
     ops = [str(n.target) for n in graphs[-1].graph.nodes if "groupnorm" in str(n.target)]
     print(json.dumps({"shape": shape, "kernels": kernels, "ops": ops}))
+found = {k.fn.__name__ for k in torch._library.triton.get_triton_kernels_for_op("groupnorm::triton_fwd")}
+print(json.dumps({"op_kernels": sorted(found)}))
 '''
     rows = _run_script(code)
     assert rows[0]["kernels"] == ["_fwd_kernel", "_bwd_kernel", "_param_grad_kernel"] and not rows[0]["ops"]
     assert rows[1]["kernels"] == ["_fwd_part_kernel", "_fwd_apply_kernel", "_bwd_part_kernel", "_bwd_dx_kernel"]
+    # torch finds every kernel of the op (its compile caches hash their source)
+    assert rows[2]["op_kernels"] == sorted(name for name in dir(gt) if name.endswith("_kernel"))
 
 
 def test_kernels_compile_for_h100():
