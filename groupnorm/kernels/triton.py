@@ -424,21 +424,24 @@ def _bwd_part_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, dr_ptr, stats_ptr, part
 
 @triton.jit
 def _param_grads(sums_ptr, dw_ptr, db_ptr, blk, N, C, K, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
-    """dbeta_c = sum over n, k of sums[0, n, c, k]; dgamma_c likewise from sums[1] (channels of block blk;
-    n in order, then k by a fixed tree)."""
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """dbeta_c = sum over n, k of sums[0, n, c, k]; dgamma_c likewise from sums[1], for the channels of
+    block blk. [BLOCK_N, BLOCK_C, BLOCK_K] tiles: one load latency per BLOCK_N samples, not per sample; the
+    blocks of n in order, the rest by fixed trees."""
     c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
     kk = tl.arange(0, BLOCK_K)
     cmask = c < C
-    mask = cmask[:, None] & (kk < K)[None, :]
-    off = c[:, None].to(tl.int64) * K + kk[None, :]
+    ck = c[:, None].to(tl.int64) * K + kk[None, :]
+    ckmask = cmask[:, None] & (kk < K)[None, :]
     nck = tl.cast(N, tl.int64) * C * K
     acc_b = tl.zeros([BLOCK_C, BLOCK_K], ACC)
     acc_w = tl.zeros([BLOCK_C, BLOCK_K], ACC)
-    for n in range(0, N):
-        p = sums_ptr + n * C * K + off
-        acc_b += tl.load(p, mask=mask, other=0.0)
-        acc_w += tl.load(p + nck, mask=mask, other=0.0)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        off = n[:, None, None].to(tl.int64) * C * K + ck[None, :, :]
+        mask = (n < N)[:, None, None] & ckmask[None, :, :]
+        acc_b += tl.sum(tl.load(sums_ptr + off, mask=mask, other=0.0), axis=0)
+        acc_w += tl.sum(tl.load(sums_ptr + nck + off, mask=mask, other=0.0), axis=0)
     if HAS_DB:
         tl.store(db_ptr + c, tl.sum(acc_b, axis=1).to(db_ptr.dtype.element_ty), mask=cmask)
     if HAS_DW:
@@ -447,10 +450,11 @@ def _param_grads(sums_ptr, dw_ptr, db_ptr, blk, N, C, K, HAS_DW: tl.constexpr, H
 
 @triton.jit
 def _param_grad_kernel(sums_ptr, dw_ptr, db_ptr, N, C,
-                       HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+                       HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                       F64: tl.constexpr):
     """Grid (cdiv(C, BLOCK_C),): parameter gradients from _bwd_kernel's sums[2, N, C]."""
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
-    _param_grads(sums_ptr, dw_ptr, db_ptr, tl.program_id(0), N, C, 1, HAS_DW, HAS_DB, BLOCK_C, 1, ACC)
+    _param_grads(sums_ptr, dw_ptr, db_ptr, tl.program_id(0), N, C, 1, HAS_DW, HAS_DB, BLOCK_N, BLOCK_C, 1, ACC)
 
 
 @triton.jit
@@ -458,8 +462,8 @@ def _bwd_dx_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, dx_ptr, stats_ptr, part_p
                    C, HW, G, L, N, n_chunks, n_dx,
                    D: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    HAS_R: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DM: tl.constexpr, BLOCK_C: tl.constexpr,
-                   CL: tl.constexpr, I64: tl.constexpr, F64: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_C: tl.constexpr, CL: tl.constexpr, I64: tl.constexpr, F64: tl.constexpr):
     """Grid (n_dx + parameter blocks,): programs below n_dx (= N*G*chunks, or 0 when dx is not needed)
     compute dx of one chunk, in reverse order of _bwd_part_kernel, after merging the group's chunk sums
     in a fixed order; the rest reduce the partials to the parameter gradients."""
@@ -494,7 +498,8 @@ def _bwd_dx_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, r_ptr, dx_ptr, stats_ptr, part_p
                  tl.minimum(s_lo + L, HW), hi, lo, rstd, a / m, b / m, C, HW, D, ACT, HAS_W, HAS_B, HAS_R,
                  BLOCK_S, BLOCK_D, CL, I64, ACC)
     else:
-        _param_grads(part_ptr, dw_ptr, db_ptr, q - n_dx, N, C, n_chunks, HAS_DW, HAS_DB, BLOCK_C, BLOCK_K, ACC)
+        _param_grads(part_ptr, dw_ptr, db_ptr, q - n_dx, N, C, n_chunks, HAS_DW, HAS_DB, BLOCK_N, BLOCK_C, BLOCK_K,
+                     ACC)
 
 
 # ==========================================================================================================
@@ -598,7 +603,8 @@ _PLANS: dict = {}
 def tuning(**overrides):
     """Override plan choices (tests force small tiles and chunk counts with it): tile (elements of a loop
     tile), fit (largest padded group handled as one tile; 0 = never), chunks (1 = no split; > 1 = split in
-    about that many chunks), num_warps, i64 (64-bit offsets), sms (SM count)."""
+    about that many chunks), num_warps, i64 (64-bit offsets), sms (SM count), block_n (samples per step of
+    the parameter-gradient sums)."""
     old = dict(_TUNING)
     _TUNING.update({k: v for k, v in overrides.items() if v is not None})
     _PLANS.clear()
@@ -761,7 +767,8 @@ def _bwd_plan(shape, xstride, dtype, device, dev_index, g, act, wdt, bdt, rstrid
     sms = _TUNING.get("sms", _sm_count(dev_index))
     has_w, has_b, has_r = wdt is not None, bdt is not None, rstride is not None
     need_sums = need_dw or need_db
-    block_c = min(_p2(c), 256)
+    block_c = min(_p2(c), 128)
+    block_n = _TUNING.get("block_n", max(1, min(_p2(n), 4096 // block_c)))   # tiles of <= 4096 partials
     single = _p2(hw) * _p2(d)
     split = None if single <= fit and _TUNING.get("chunks", 1) == 1 else _split(n, g, d, hw, tile, p.cl, sms)
     if split is None:
@@ -777,7 +784,7 @@ def _bwd_plan(shape, xstride, dtype, device, dev_index, g, act, wdt, bdt, rstrid
         if need_sums:
             p.scratch = 2 * n * c
             launches.append(_Launch(_param_grad_kernel, (triton.cdiv(c, block_c),),
-                                    (need_dw, need_db, block_c, f64), max(1, min(8, block_c // 32))))
+                                    (need_dw, need_db, block_n, block_c, f64), _warps(block_n * block_c)))
         p.launches = tuple(launches)
         return p
     chunks, length, bs, bd = split
@@ -790,11 +797,12 @@ def _bwd_plan(shape, xstride, dtype, device, dev_index, g, act, wdt, bdt, rstrid
     n_dx = n * g * chunks if need_dx else 0
     block_k = _p2(chunks)
     block_c = min(_p2(c), max(1, 2048 // block_k))    # merge tiles of at most 2048 partials
+    block_n = _TUNING.get("block_n", max(1, min(_p2(n), 4096 // (block_c * block_k))))
     grid = n_dx + (triton.cdiv(c, block_c) if need_sums else 0)
     launches = [part]
     if grid:
         dx = _Launch(_bwd_dx_kernel, (grid,), (d, act, has_w, has_b, has_r, need_dw, need_db, bs, bd, block_k,
-                                               min(_p2(d), block_c), block_c, p.cl, i64, f64), warps)
+                                               min(_p2(d), block_c), block_n, block_c, p.cl, i64, f64), warps)
         launches.append(dx)
     p.launches = tuple(launches)
     p.extra = (length, chunks, n_dx)

@@ -203,6 +203,14 @@ def test_strided_parameters():
     check(x, 3, w, b, None, "silu", 1e-5, 2e-5)
 
 
+@pytest.mark.parametrize("kind", ["single", "split"])
+def test_parameter_gradients_over_many_samples(kind):
+    """The parameter gradients sum per-sample partials in steps of block_n samples (a masked last step)."""
+    x = make((5, 6, 3, 4), "cl")
+    w, b = params(6)
+    check(x, 3, w, b, None, "gelu", 1e-5, 2e-5, plan=dict(PLANS[kind], block_n=2))
+
+
 def test_residual_without_activation_passes_dy_on():
     x = make((2, 4, 3, 3))
     r = make(x.shape, seed=2, requires_grad=True)
