@@ -13,6 +13,8 @@ from groupnorm.nn import BatchNorm, GroupNorm, LayerNorm
 from helpers import randomize
 
 BACKENDS = [name for name in ("native", "cpu", "triton") if groupnorm.backends.available(name) is None]
+# "triton" runs CUDA tensors, or CPU ones under the interpreter (tests/conftest.py sets it without a GPU)
+DEVICE = {"triton": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 def make_block(kind, norm, seed=0):
@@ -38,7 +40,7 @@ def run(block, x, fused):
         out = block(x)
     finally:
         layers.fuses_residual_relu = saved
-    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape))
     return out.detach(), [x.grad] + [p.grad.clone() for p in block.parameters()]
 
 
@@ -47,8 +49,9 @@ def run(block, x, fused):
 @pytest.mark.parametrize("norm,dtype", [("gn:4", torch.float32), ("gn:2", torch.float64), ("ln", torch.float32),
                                         ("bn", torch.float32)])
 def test_fused_block_equals_unfused(backend, kind, norm, dtype):
-    block = make_block(kind, norm).to(dtype)
-    x = (torch.randn(2, 16 if kind == "bottleneck" else 8, 6, 6, dtype=dtype) + 0.3).contiguous(
+    device = DEVICE.get(backend, "cpu")
+    block = make_block(kind, norm).to(device, dtype)
+    x = (torch.randn(2, 16 if kind == "bottleneck" else 8, 6, 6, dtype=dtype) + 0.3).to(device).contiguous(
         memory_format=torch.channels_last if kind == "basic" else torch.contiguous_format)
     with groupnorm.use_backend(backend):
         fused_out, fused_grads = run(block, x, fused=True)
