@@ -88,6 +88,17 @@ _reasons: dict = {}   # name -> why it is not
 _warned: set = set()
 
 
+def _constant_when_compiled(fn):
+    """Mark fn the way ``torch.compiler.assume_constant_result`` does: Dynamo then calls it at trace
+    time and keeps its result as a constant. Needed because the first Group Norm call of a process
+    may come from inside a compiled function, and an import cannot be traced. Done by hand because
+    the public decorator imports torch._dynamo (1.7 s, Triton with it) when groupnorm is imported;
+    tests/test_backends.py checks that a first call under torch.compile(fullgraph=True) works."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_compiled
 def available(name: str) -> str | None:
     """None when backend ``name`` can run in this process, else the reason (one line, with the fix).
     The import is tried once."""
@@ -109,13 +120,12 @@ def available(name: str) -> str | None:
 
 def load(name: str):
     """The module of backend ``name``; ``BackendUnavailable`` with the reason when it cannot run."""
-    module = _loaded.get(name)
-    if module is None:
-        reason = available(name)
-        if reason is not None:
-            raise BackendUnavailable(f"groupnorm backend {name!r} is unavailable: {reason}")
-        module = _loaded[name]
-    return module
+    # available() first: under torch.compile it runs at trace time and fills _loaded, which the
+    # traced code must not have read before
+    reason = available(name)
+    if reason is not None:
+        raise BackendUnavailable(f"groupnorm backend {name!r} is unavailable: {reason}")
+    return _loaded[name]
 
 
 def _triton_devices() -> tuple:
@@ -126,18 +136,21 @@ _AUTO_PREFERS = {"cpu": "cpu", "cuda": "triton"}
 _auto_modules: dict = {}   # device type -> the module "auto" settled on
 
 
-def _auto(device_type: str):
+@_constant_when_compiled
+def _auto(device_type: str) -> str:
+    """The backend "auto" uses for tensors on ``device_type`` (loaded); warns once on a fallback."""
     preferred = _AUTO_PREFERS.get(device_type)
     if preferred is not None:
         reason = available(preferred)
         if reason is None:
-            return _loaded[preferred]
+            return preferred
         if preferred not in _warned:
             _warned.add(preferred)
             warnings.warn(f"groupnorm: backend 'auto' uses 'native' (torch's ops) for {device_type} "
                           f"tensors because {preferred!r} is unavailable: {reason}", RuntimeWarning,
                           stacklevel=5)
-    return load("native")
+    available("native")
+    return "native"
 
 
 def resolve(x):
@@ -148,7 +161,7 @@ def resolve(x):
         device_type = "cpu" if x.is_cpu else x.device.type
         module = _auto_modules.get(device_type)
         if module is None:
-            module = _auto_modules[device_type] = _auto(device_type)
+            module = _auto_modules[device_type] = _loaded[_auto(device_type)]
         return module
     module = load(name)
     if name == "cpu" and x.device.type != "cpu":

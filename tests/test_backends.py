@@ -254,3 +254,19 @@ def test_half_precision_is_computed_in_float32_on_every_backend():
             y = GF.group_norm(x, 4)
         assert y.dtype == torch.bfloat16
         assert _rel_err(y, ref) < 1e-2, name
+
+
+@pytest.mark.parametrize("choice", ["auto", "native", "cpu"])
+def test_the_first_call_of_a_process_may_come_from_a_compiled_function(fresh_registry, choice):
+    """Finding the backend imports its module: under torch.compile that must not break the graph."""
+    if choice != "native":
+        backend_or_skip("cpu")
+    fresh_registry._loaded.clear()
+    torch._dynamo.reset()
+    x = rand((2, 8, 4, 4), torch.float32, seed=11)
+    with groupnorm.use_backend(choice):
+        y = torch.compile(lambda t: GF.group_norm(t, 4, activation="silu"), fullgraph=True)(x)
+        with groupnorm.use_backend("native"):
+            ref = GF.group_norm(x, 4, activation="silu")
+    torch.testing.assert_close(y, ref)
+    torch._dynamo.reset()
