@@ -270,3 +270,29 @@ def test_the_first_call_of_a_process_may_come_from_a_compiled_function(fresh_reg
             ref = GF.group_norm(x, 4, activation="silu")
     torch.testing.assert_close(y, ref)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_every_backend_follows_the_one_layout_rule_on_every_stride_pattern(name):
+    """The output strides of each backend are those of ``_layout.empty_like(x)`` for x of ranks 3-5
+    in every axis permutation, with and without size-1 axes, and sliced (the stride of a size-1 axis
+    means nothing and is not compared)."""
+    import itertools
+
+    from groupnorm import _layout
+    backend_or_skip(name)
+    seen = 0
+    for shape in ((2, 4, 3), (2, 4, 1), (1, 4, 3, 2), (2, 4, 1, 3), (2, 2, 3, 1, 2)):
+        for perm in itertools.permutations(range(len(shape))):
+            base = torch.randn([shape[p] for p in perm]).permute(*[perm.index(i) for i in range(len(shape))])
+            for x in (base, base[:, :, :2] if shape[2] > 1 else base):
+                with groupnorm.use_backend(name):
+                    y = GF.group_norm(x, 2)
+                want = _layout.empty_like(x).stride()
+                assert _strides(y) == _strides(y.as_strided(y.shape, want)), (name, x.shape, x.stride())
+                seen += 1
+    assert seen > 100
+
+
+def _strides(t):
+    return tuple(st for st, n in zip(t.stride(), t.shape) if n > 1)
