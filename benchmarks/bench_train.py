@@ -1,4 +1,4 @@
-"""Benchmark: training throughput (images/s) of the small ResNet with BN, torch's GN and our GN.
+"""Benchmark: training throughput (images/s) of a ResNet with BN, torch's GN and our GN, fused or not.
 
     python benchmarks/bench_train.py [--quick] [--model resnet20] [--input 1x28x28] [--batches 8 32 128]
                                      [--groups 8] [--threads T] [--channels-last] [--json OUT]
@@ -6,17 +6,18 @@
 Variants, all the same model (``groupnorm.models.build_model``) and the same SGD step
 (forward, cross-entropy, backward, SGD with momentum and weight decay):
 
-* ``bn-torch``   torch.nn.BatchNorm2d (BN over the whole batch: the fastest BN there is);
-* ``bn``         groupnorm.nn.BatchNorm, as the engine trains it: statistics per worker of 8 images
-                 (``bn@8``) when the batch is larger than 8;
-* ``gn-native``  groupnorm's GN module on the "native" backend (torch's F.group_norm);
-* ``gn-ours``    the same module on the "cpu" backend (our Numba kernels, fused residual/ReLU where the
-                 model uses them).
+* ``bn-torch``        torch.nn.BatchNorm2d (BN over the whole batch: the fastest BN there is);
+* ``bn``              groupnorm.nn.BatchNorm, as the engine trains it: statistics per worker of 8 images
+                      (``bn@8``) when the batch is larger than 8;
+* ``gn-native``       groupnorm's GN module on the "native" backend (torch's F.group_norm, unfused);
+* ``gn-ours``         the same module on the "cpu" backend (the C++ op), each residual block's last norm
+                      fused with the shortcut add and the ReLU (``models.layers.norm_add_relu``);
+* ``gn-ours-unfused`` the C++ op with that fusion switched off: relu(norm(out) + shortcut).
 
 Method: one process, one input batch per size (synthetic, like Fashion-MNIST or CIFAR shapes), every
 variant warmed up, then ``--rounds`` rounds in which each variant runs ``--steps`` timed steps in turn
 (interleaving spreads machine noise over all variants); images/s = batch / median step time. The data
-pipeline is left out (the engine's batch augmentation costs ~10 us per image).
+pipeline is left out.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from groupnorm import backends  # noqa: E402
 from groupnorm.models import build_model  # noqa: E402
 import groupnorm.nn as gnn  # noqa: E402
+from groupnorm.models import layers  # noqa: E402
 
-VARIANTS = ("bn-torch", "bn", "gn-native", "gn-ours")
+VARIANTS = ("bn-torch", "bn", "gn-native", "gn-ours", "gn-ours-unfused")
 
 
 def to_torch_bn(model: torch.nn.Module) -> torch.nn.Module:
@@ -54,8 +56,8 @@ def to_torch_bn(model: torch.nn.Module) -> torch.nn.Module:
 def make(variant: str, args, batch: int):
     torch.manual_seed(0)
     c, h, w = args.input
-    norm = {"bn-torch": "bn", "bn": f"bn@{min(8, batch)}" if batch % 8 == 0 else "bn",
-            "gn-native": f"gn:{args.groups}", "gn-ours": f"gn:{args.groups}"}[variant]
+    norm = "bn" if variant == "bn-torch" else f"bn@{min(8, batch)}" if variant == "bn" and batch % 8 == 0 \
+        else "bn" if variant == "bn" else f"gn:{args.groups}"
     model = build_model(args.model, num_classes=10, in_channels=c, norm=norm, **args.model_args)
     if variant == "bn-torch":
         model = to_torch_bn(model)
@@ -64,33 +66,42 @@ def make(variant: str, args, batch: int):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(batch, c, h, w).to(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
-    backend = {"gn-native": "native", "gn-ours": "cpu"}.get(variant, "native")
-    return model, opt, x, y, backend
+    backend = "cpu" if variant.startswith("gn-ours") else "native"
+    return model, opt, x, y, backend, variant != "gn-ours-unfused"
 
 
-def step_times(model, opt, x, y, backend: str, steps: int) -> list[float]:
+def step_times(model, opt, x, y, backend: str, fuse: bool, steps: int) -> list[float]:
     times = []
+    fuses = layers.fuses_residual_relu
     with backends.use_backend(backend):
-        for _ in range(steps):
-            t = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t)
+        if not fuse:   # the blocks then add the shortcut and apply the ReLU themselves
+            layers.fuses_residual_relu = lambda norm_layer: False
+        try:
+            times = _steps(model, opt, x, y, steps)
+        finally:
+            layers.fuses_residual_relu = fuses
+    return times
+
+
+def _steps(model, opt, x, y, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
     return times
 
 
 def bench(args) -> list[dict]:
     rows = []
     variants = [v for v in args.variants if v in VARIANTS]
-    if "gn-ours" in variants:
-        try:
-            with backends.use_backend("cpu"):
-                gnn.GroupNorm(2, 4)(torch.randn(2, 4, 3, 3, requires_grad=True)).sum().backward()
-        except Exception as exc:  # the kernels are optional for this benchmark
-            print(f"skipping gn-ours: backend 'cpu' unavailable ({exc})", file=sys.stderr)
-            variants.remove("gn-ours")
+    reason = backends.available("cpu")
+    if reason is not None and any(v.startswith("gn-ours") for v in variants):
+        print(f"skipping gn-ours*: {reason}", file=sys.stderr)
+        variants = [v for v in variants if not v.startswith("gn-ours")]
     for batch in args.batches:
         setups = {v: make(v, args, batch) for v in variants}
         for v, s in setups.items():
@@ -114,11 +125,14 @@ def table(rows: list[dict]) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     batches = list(dict.fromkeys(r["batch"] for r in rows))
     get = {(r["batch"], r["variant"]): r["images_per_s"] for r in rows}
-    ratios = [v for v in ("gn-native", "gn-ours") if v in variants and "bn-torch" in variants]
-    cols = [f"{v} img/s" for v in variants] + [f"{v} / bn-torch" for v in ratios]
+    ratios = [v for v in ("gn-native", "gn-ours", "gn-ours-unfused") if v in variants and "bn-torch" in variants]
+    fusion = "gn-ours" in variants and "gn-ours-unfused" in variants
+    cols = ([f"{v} img/s" for v in variants] + [f"{v} / bn-torch" for v in ratios]
+            + (["fused / unfused"] if fusion else []))
     lines = ["| batch | " + " | ".join(cols) + " |", "|" + "---:|" * (len(cols) + 1)]
     for b in batches:
         cells = [f"{get[b, v]:.0f}" for v in variants] + [f"{get[b, v] / get[b, 'bn-torch']:.2f}" for v in ratios]
+        cells += [f"{get[b, 'gn-ours'] / get[b, 'gn-ours-unfused']:.2f}"] if fusion else []
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
