@@ -74,6 +74,20 @@
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+// The op library's name: groupnorm_cpu. Benchmarks of two versions of this file in one process
+// build one of them with -DGN_LIB=<another name>.
+#ifndef GN_LIB
+#define GN_LIB groupnorm_cpu
+#endif
+#define GN_STR2(x) #x
+#define GN_STR(x) GN_STR2(x)
+// (through one more macro, so that GN_LIB is expanded before TORCH_LIBRARY pastes it)
+#define GN_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define GN_TORCH_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
 namespace groupnorm_cpu {
 namespace {
@@ -131,8 +145,8 @@ template <typename T, typename VV> inline void vstore_part(T* p, const VV& v, in
   vstore(buf, v);
   std::memcpy(p, buf, n * sizeof(T));
 }
-inline void vstore(float* p, const fVec& v, int64_t n) { vstore_part(p, v, n); }
-inline void vstore(double* p, const dVec& v, int64_t n) { vstore_part(p, v, n); }
+inline void vstore(float* p, const fVec& v, int64_t n) { v.store(p, n); }    // (masked)
+inline void vstore(double* p, const dVec& v, int64_t n) { v.store(p, n); }
 inline void vstore(at::BFloat16* p, const fVec& v, int64_t n) { vstore_part(p, v, n); }
 inline void vstore(at::Half* p, const fVec& v, int64_t n) { vstore_part(p, v, n); }
 
@@ -168,9 +182,11 @@ C10_ALWAYS_INLINE double hsum(const dVec& v) {
 }
 
 // Scratch memory that lives as long as the calling thread: per-call arrays (coefficients, partial
-// sums) are not allocated, zeroed and page-faulted again on every call. Slot k holds one array.
+// sums) are not allocated, zeroed and page-faulted again on every call. Slot k holds one array:
+// 0-3 per call (the calling thread), 4-6 inside tasks (any thread, the caller's too when a task
+// runs inline), 7-8 the parameters (the calling thread).
 template <typename U> U* scratch(int slot, size_t n) {
-  thread_local std::vector<std::vector<unsigned char>> slots(4);
+  thread_local std::vector<std::vector<unsigned char>> slots(9);
   auto& buf = slots[slot];
   const size_t bytes = n * sizeof(U) + 64;
   if (buf.size() < bytes) buf.resize(bytes);
@@ -347,6 +363,104 @@ void sums_rows(const T* x, int64_t rows, int64_t C, const double* sh, double* s,
       double ts = 0, tq = 0;
       for (int64_t rr = 0; rr < nr; ++rr) {
         double d = static_cast<double>(static_cast<O>(p[rr * C + c])) - sh[c];
+        ts += d;
+        tq += d * d;
+      }
+      s[c] += ts;
+      q[c] += tq;
+    }
+  }
+}
+
+// The same sums in float blocks (float, bfloat16, half inputs): x - sh and its square summed in
+// float lanes over short blocks (<= 6 terms per lane, in a tree of 4 accumulators), each block sum
+// then added in double. The shifted values are O(std) when the shift is close to the mean (the
+// callers shift by a mean of >= 16 elements of the group), so the float rounding errors are
+// ~1e-7 of q; when it is not (q > kGuard * (M2 + cnt eps): a far outlier among those elements),
+// the callers recompute the group with the double sums above, shifted by the mean found here.
+// Half the instructions of the double sums: the forward's statistics pass reads at memory speed.
+constexpr double kGuard = 4.0;
+constexpr int64_t kFBlock = 16;  // vectors per float block (4 accumulators x 4)
+
+inline bool stats_ok(double s, double q, double cnt, double eps) {
+  return !(q > kGuard * (q - s * s / cnt + cnt * eps));  // (NaN: ok, it stays NaN)
+}
+
+template <typename T>
+void fsums_run(const T* x, int64_t len, float sh, double& s, double& q) {
+  constexpr int64_t K = fVec::size();
+  const fVec vsh(sh);
+  Acc as, aq;
+  const int64_t full = len / K * K;
+  int64_t i = 0;
+  while (i < full) {
+    const int64_t e = std::min(full, i + kFBlock * K);
+    fVec s0(0), s1(0), s2(0), s3(0), q0(0), q1(0), q2(0), q3(0);
+    for (; i + 4 * K <= e; i += 4 * K) {
+      fVec d0 = vload(x + i) - vsh, d1 = vload(x + i + K) - vsh;
+      fVec d2 = vload(x + i + 2 * K) - vsh, d3 = vload(x + i + 3 * K) - vsh;
+      s0 = s0 + d0;
+      s1 = s1 + d1;
+      s2 = s2 + d2;
+      s3 = s3 + d3;
+      q0 = at::vec::fmadd(d0, d0, q0);
+      q1 = at::vec::fmadd(d1, d1, q1);
+      q2 = at::vec::fmadd(d2, d2, q2);
+      q3 = at::vec::fmadd(d3, d3, q3);
+    }
+    for (; i < e; i += K) {
+      fVec d = vload(x + i) - vsh;
+      s0 = s0 + d;
+      q0 = at::vec::fmadd(d, d, q0);
+    }
+    as.add((s0 + s1) + (s2 + s3));
+    aq.add((q0 + q1) + (q2 + q3));
+  }
+  double ss = as.sum(), qq = aq.sum();
+  for (; i < len; ++i) {
+    double d = static_cast<double>(static_cast<float>(x[i])) - sh;
+    ss += d;
+    qq += d * d;
+  }
+  s += ss;
+  q += qq;
+}
+
+// cl: per-channel sums over `rows` rows in float blocks of 2 x 8 rows (two accumulators), each
+// block added to the double arrays s, q; sh: per-channel float shifts.
+template <typename T>
+void fsums_rows(const T* x, int64_t rows, int64_t C, const float* sh, double* s, double* q) {
+  constexpr int64_t K = fVec::size();
+  constexpr int64_t KD = dVec::size();
+  constexpr int64_t B = 2 * kRowBlock;
+  const int64_t Cv = C / K * K;
+  // float block sums of [s | q] per channel (vector part), in L1
+  float* fb = scratch<float>(4, static_cast<size_t>(2 * Cv));
+  for (int64_t r0 = 0; r0 < rows; r0 += B) {
+    const int64_t nr = std::min(B, rows - r0);
+    const T* p = x + r0 * C;
+    std::fill(fb, fb + 2 * Cv, 0.0f);
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      const T* row = p + rr * C;
+      for (int64_t c = 0; c < Cv; c += K) {
+        fVec d = vload(row + c) - fVec::loadu(sh + c);
+        (fVec::loadu(fb + c) + d).store(fb + c);
+        at::vec::fmadd(d, d, fVec::loadu(fb + Cv + c)).store(fb + Cv + c);
+      }
+    }
+    for (int64_t c = 0; c < Cv; c += K) {
+      dVec l, h;
+      widen(fVec::loadu(fb + c), l, h);
+      (dVec::loadu(s + c) + l).store(s + c);
+      (dVec::loadu(s + c + KD) + h).store(s + c + KD);
+      widen(fVec::loadu(fb + Cv + c), l, h);
+      (dVec::loadu(q + c) + l).store(q + c);
+      (dVec::loadu(q + c + KD) + h).store(q + c + KD);
+    }
+    for (int64_t c = Cv; c < C; ++c) {
+      double ts = 0, tq = 0;
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        double d = static_cast<double>(static_cast<float>(p[rr * C + c])) - sh[c];
         ts += d;
         tq += d * d;
       }
@@ -560,6 +674,124 @@ void dx_row(const T* x, const T* dy, const T* r, const T* dzs, T* dx, int64_t C,
   }
 }
 
+// cf backward sums for short channels (S <= kShortS: 7x7, 14x14, 16x16): dgamma and dbeta need
+// per-channel sums, and a horizontal sum per channel would cost as much as the channel's own
+// vectors. Each channel is summed into float vectors (<= kShortS / K / 2 terms per lane, tail by
+// masked loads), kept for a batch of K channels, and the batch's K lane sums come from one
+// transpose-and-add tree (lane_sums) instead of K horizontal sums.
+constexpr int64_t kShortS = 512;
+
+// out[j] = the sum of the K lanes of row j of buf (rows x K, rows <= K; rows past `rows` zero).
+template <typename O> inline void lane_sums(O* buf, int64_t rows, O* out) {
+  constexpr int64_t K = Vectorized<O>::size();
+  std::fill(buf + rows * K, buf + K * K, O(0));
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<O, float>) {
+    // Level with P partial sums per channel: lanes [k P, k P + P/2) and [k P + P/2, (k+1) P) of
+    // each channel k of vectors a, b are added pairwise; a's channels, then b's, in order.
+    alignas(64) static const int32_t idx[4][2][16] = {
+        {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+         {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+        {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+         {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
+        {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+         {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
+        {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+         {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}}};
+    __m512 v[16];
+    for (int k = 0; k < 16; ++k) v[k] = _mm512_loadu_ps(buf + k * 16);
+    for (int level = 0, n = 16; level < 4; ++level, n /= 2) {
+      const __m512i lo = _mm512_load_si512(idx[level][0]), hi = _mm512_load_si512(idx[level][1]);
+      for (int k = 0; k < n / 2; ++k) {
+        v[k] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * k], lo, v[2 * k + 1]),
+                             _mm512_permutex2var_ps(v[2 * k], hi, v[2 * k + 1]));
+      }
+    }
+    _mm512_storeu_ps(out, v[0]);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < rows; ++j) {
+    O d[K];
+    std::copy(buf + j * K, buf + (j + 1) * K, d);
+    for (int64_t w = K / 2; w >= 1; w /= 2) {
+      for (int64_t i = 0; i < w; ++i) d[i] = d[i] + d[i + w];
+    }
+    out[j] = d[0];
+  }
+}
+
+// backward sums over a cf group's [e0, e1), S <= kShortS: per channel db[c] += sum dz,
+// ds[c] += sum dz (x - hi); sx += sum (x - hi) for the group (a, cz: the group's channels).
+template <typename T, int ACT, bool RES>
+void bsums_short(const T* x, const T* dy, const T* r, T* dr, int64_t e0, int64_t e1, int64_t S,
+                 op_t<T> hi, const op_t<T>* a, const op_t<T>* cz, double* db, double* ds,
+                 double& sx) {
+  using O = op_t<T>;
+  using V = Vectorized<O>;
+  constexpr int64_t K = V::size();
+  __at_align__ O bdb[K * K], bds[K * K], rdb[K], rds[K];
+  const V vhi(hi), zero(0);
+  Acc asx;
+  const int64_t c_end = divup(e1, S);
+  for (int64_t c0 = e0 / S; c0 < c_end; c0 += K) {
+    const int64_t c1 = std::min(c_end, c0 + K);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t s1 = std::min(e1, (c + 1) * S);
+      const V va(a[c]), vcz(cz[c]);
+      V db0(0), db1(0), ds0(0), ds1(0), gsx(0);
+      int64_t i = std::max(e0, c * S);
+      for (; i + 2 * K <= s1; i += 2 * K) {
+        V xm0 = vload(x + i) - vhi, xm1 = vload(x + i + K) - vhi;
+        V dz0 = vload(dy + i), dz1 = vload(dy + i + K);
+        if constexpr (ACT != 0) {
+          V z0 = vfma(xm0, va, vcz), z1 = vfma(xm1, va, vcz);
+          if constexpr (RES) {
+            z0 = z0 + vload(r + i);
+            z1 = z1 + vload(r + i + K);
+          }
+          dz0 = act_bwd<ACT>(z0, dz0);
+          dz1 = act_bwd<ACT>(z1, dz1);
+          if (dr) {
+            vstore(dr + i, dz0);
+            vstore(dr + i + K, dz1);
+          }
+        }
+        db0 = db0 + dz0;
+        db1 = db1 + dz1;
+        ds0 = vfma(dz0, xm0, ds0);
+        ds1 = vfma(dz1, xm1, ds1);
+        gsx = gsx + (xm0 + xm1);
+      }
+      for (; i < s1; i += K) {  // lanes past the channel: dy loads as 0, so dz is 0
+        const int64_t n = std::min(K, s1 - i);
+        V xm = vload(x + i, n) - vhi;
+        V dz = vload(dy + i, n);
+        if constexpr (ACT != 0) {
+          V z = vfma(xm, va, vcz);
+          if constexpr (RES) z = z + vload(r + i, n);
+          dz = act_bwd<ACT>(z, dz);
+          if (dr) vstore(dr + i, dz, n);
+        }
+        if (n < K) xm = first_lanes(xm, zero, n);
+        db0 = db0 + dz;
+        ds0 = vfma(dz, xm, ds0);
+        gsx = gsx + xm;
+      }
+      (db0 + db1).store(bdb + (c - c0) * K);
+      (ds0 + ds1).store(bds + (c - c0) * K);
+      asx.add(gsx);
+    }
+    lane_sums(bdb, c1 - c0, rdb);
+    lane_sums(bds, c1 - c0, rds);
+    for (int64_t c = c0; c < c1; ++c) {
+      db[c] += rdb[c - c0];
+      ds[c] += rds[c - c0];
+    }
+  }
+  sx += asx.sum();
+}
+
 // cf groups with S >= K channels' worth of positions are walked as one run of vectors that go on
 // across channel boundaries, rather than channel by channel: a channel of 49 elements would
 // otherwise end in a partial vector (and start the next one misaligned) every 49 elements. A
@@ -592,85 +824,6 @@ void apply_group(const T* x, const T* r, T* y, int64_t e0, int64_t e1, int64_t S
       bound += S;
     }
   }
-}
-
-// backward sums over a cf group's [e0, e1), S >= K: per channel db[c] += sum dz,
-// ds[c] += sum dz (x - hi); sx += sum (x - hi) for the group. Float blocks as in bsums_run.
-template <typename T, int ACT, bool RES>
-void bsums_group(const T* x, const T* dy, const T* r, T* dr, int64_t e0, int64_t e1, int64_t S,
-                 op_t<T> hi, const op_t<T>* a, const op_t<T>* cz, double* db, double* ds,
-                 double& sx) {
-  using V = Vectorized<op_t<T>>;
-  constexpr int64_t K = V::size();
-  const V vhi(hi), zero(0);
-  V fdb(0), fds(0), fsx(0);
-  Acc adb, ads, asx;
-  int64_t nc = 0, nx = 0;  // vectors in the float blocks of the channel / of sx
-  int64_t c = e0 / S, bound = (c + 1) * S;
-  for (int64_t i = e0; i < e1; i += K) {
-    const int64_t n = std::min(K, e1 - i);
-    const int64_t split = std::min(n, bound - i);
-    V xm = vload(x + i, n) - vhi;
-    V dz = vload(dy + i, n);
-    if constexpr (ACT != 0) {
-      V z = vfma(xm, coef_vec<V>(a, c, split, n), coef_vec<V>(cz, c, split, n));
-      if constexpr (RES) z = z + vload(r + i, n);
-      dz = act_bwd<ACT>(z, dz);
-      if (dr) vstore(dr + i, dz, n);
-    }
-    if (n < K) {
-      xm = first_lanes(xm, zero, n);
-      dz = first_lanes(dz, zero, n);
-    }
-    fsx = fsx + xm;
-    if (++nx == kFlush) {
-      asx.add(fsx);
-      fsx = zero;
-      nx = 0;
-    }
-    const V p = dz * xm;
-    if (split < n) {  // the vector ends channel c and starts c + 1
-      adb.add(fdb + first_lanes(dz, zero, split));
-      ads.add(fds + first_lanes(p, zero, split));
-      db[c] += adb.sum();
-      ds[c] += ads.sum();
-      adb = Acc();
-      ads = Acc();
-      fdb = first_lanes(zero, dz, split);
-      fds = first_lanes(zero, p, split);
-      nc = 1;
-      ++c;
-      bound += S;
-      continue;
-    }
-    fdb = fdb + dz;
-    fds = fds + p;
-    if (i + n == bound || i + n == e1) {  // channel c's part ends with this vector
-      adb.add(fdb);
-      ads.add(fds);
-      db[c] += adb.sum();
-      ds[c] += ads.sum();
-      adb = Acc();
-      ads = Acc();
-      fdb = fds = zero;
-      nc = 0;
-      ++c;
-      bound += S;
-    } else if (++nc == kFlush) {
-      adb.add(fdb);
-      ads.add(fds);
-      fdb = fds = zero;
-      nc = 0;
-    }
-  }
-  if (nc) {  // (a chunk that ends right after a split vector)
-    adb.add(fdb);
-    ads.add(fds);
-    db[c] += adb.sum();
-    ds[c] += ads.sum();
-  }
-  asx.add(fsx);
-  sx += asx.sum();
 }
 
 // dx over a cf group's [e0, e1), S >= K (see dx_run).
@@ -784,8 +937,9 @@ void drive(const Split& sp, int64_t bytes_per_elem, const Fused& fused, const Pa
 }
 
 // Per-channel parameters as double (1 / 0 when absent).
-std::vector<double> param_values(const optional<Tensor>& p, int64_t C, double fill) {
-  std::vector<double> v(C, fill);
+const double* param_values(const optional<Tensor>& p, int64_t C, double fill, int slot) {
+  double* v = scratch<double>(slot, static_cast<size_t>(C));
+  std::fill(v, v + C, fill);
   if (p.has_value() && p->defined()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p->scalar_type(), "gn_param", [&] {
       const scalar_t* d = p->const_data_ptr<scalar_t>();
@@ -856,21 +1010,45 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
                                row[C + c], row[2 * C + c]);
       });
     };
+    // shift: the mean of the group's first 16 elements, in the compute type (contiguous: a
+    // strided pick from every channel would break the prefetcher's stream into the sums pass)
+    const int64_t m = std::min<int64_t>(cnt, 16);
+    auto shift_of = [&](int64_t u) {
+      const T* x0 = A.x + u * cnt;
+      double t = 0;
+      for (int64_t j = 0; j < m; ++j) t += static_cast<double>(static_cast<O>(x0[j]));
+      return static_cast<double>(static_cast<O>(t / static_cast<double>(m)));
+    };
+    auto sums = [&](int64_t u, int64_t e0, int64_t e1, double shift, double& s, double& q) {
+      if constexpr (std::is_same_v<O, float>) {
+        fsums_run(A.x + u * cnt + e0, e1 - e0, static_cast<float>(shift), s, q);
+      } else {
+        sums_run(A.x + u * cnt + e0, e1 - e0, shift, s, q);
+      }
+    };
+    // float sums whose shift was far from the mean: again, exactly, around that mean
+    auto finish = [&](int64_t u, double shift, double s, double q) {
+      if (std::is_same_v<O, float> && !stats_ok(s, q, cnt, A.eps)) {
+        shift = static_cast<double>(static_cast<O>(shift + s / cnt));
+        s = q = 0;
+        sums_run(A.x + u * cnt, cnt, shift, s, q);
+      }
+      coefs(u / G, u % G, shift, s, q);
+    };
     double* part = scratch<double>(1, sp.Q > 1 ? static_cast<size_t>(sp.units * sp.Q * 2) : 0);
     drive(
         sp, sizeof(T),
         [&](int64_t u) {
-          const double shift = static_cast<double>(static_cast<O>(A.x[u * cnt]));
+          const double shift = shift_of(u);
           double s = 0, q = 0;
-          sums_run(A.x + u * cnt, cnt, shift, s, q);
-          coefs(u / G, u % G, shift, s, q);
+          sums(u, 0, cnt, shift, s, q);
+          finish(u, shift, s, q);
           output(u, 0, cnt);
         },
         [&](int64_t u, int64_t k) {
-          const double shift = static_cast<double>(static_cast<O>(A.x[u * cnt]));
           const int64_t e0 = cnt * k / sp.Q, e1 = cnt * (k + 1) / sp.Q;
           double s = 0, q = 0;
-          sums_run(A.x + u * cnt + e0, e1 - e0, shift, s, q);
+          sums(u, e0, e1, shift_of(u), s, q);
           part[(u * sp.Q + k) * 2] = s;
           part[(u * sp.Q + k) * 2 + 1] = q;
         },
@@ -880,7 +1058,7 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
             s += part[(u * sp.Q + k) * 2];
             q += part[(u * sp.Q + k) * 2 + 1];
           }
-          coefs(u / G, u % G, static_cast<double>(static_cast<O>(A.x[u * cnt])), s, q);
+          finish(u, shift_of(u), s, q);
         },
         [&](int64_t u, int64_t k) { output(u, cnt * k / sp.Q, cnt * (k + 1) / sp.Q); });
     return;
@@ -888,20 +1066,64 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
 
   // cl: unit = sample n, rows of C channels; chunk k = rows [k * R, min(S, (k + 1) * R)).
   const int64_t R = sp.rows;
-  auto shifts = [&](int64_t n, double* shv) {  // each channel shifted by its group's first element
+  // Each channel shifted by its group's shift: the mean of the group's first ceil(16 / D) rows,
+  // in the compute type; shv (double) and shf (float, for the float sums).
+  const int64_t m = std::min(S, divup(16, D));
+  auto shifts = [&](int64_t n, double* shv, float* shf) {
     const T* x0 = A.x + n * S * C;
     for (int64_t g = 0; g < G; ++g) {
-      const double v = static_cast<double>(static_cast<O>(x0[g * D]));
-      for (int64_t c = g * D; c < (g + 1) * D; ++c) shv[c] = v;
+      double t = 0;
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          t += static_cast<double>(static_cast<O>(x0[r * C + c]));
+        }
+      }
+      const double v = static_cast<double>(static_cast<O>(t / static_cast<double>(D * m)));
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        shv[c] = v;
+        shf[c] = static_cast<float>(v);
+      }
+    }
+  };
+  auto sums = [&](int64_t n, int64_t r0, int64_t r1, const double* shv, const float* shf,
+                  double* s, double* q) {
+    const T* x0 = A.x + (n * S + r0) * C;
+    if constexpr (std::is_same_v<O, float>) {
+      fsums_rows(x0, r1 - r0, C, shf, s, q);
+    } else {
+      sums_rows(x0, r1 - r0, C, shv, s, q);
+    }
+  };
+  auto group_sums = [&](int64_t g, const double* s, const double* q, double& ts, double& tq) {
+    ts = tq = 0;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      ts += s[c];
+      tq += q[c];
     }
   };
   auto merge_groups = [&](int64_t n, const double* shv, const double* s, const double* q) {
-    for (int64_t g = 0; g < G; ++g) {
-      double ts = 0, tq = 0;
-      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-        ts += s[c];
-        tq += q[c];
+    double ts, tq;
+    bool ok = true;
+    for (int64_t g = 0; std::is_same_v<O, float> && g < G && ok; ++g) {
+      group_sums(g, s, q, ts, tq);
+      ok = stats_ok(ts, tq, cnt, A.eps);
+    }
+    if (!ok) {  // float sums with a shift far from a group's mean: the sample again, exactly
+      std::vector<double> buf(3 * C, 0.0);
+      for (int64_t g = 0; g < G; ++g) {
+        group_sums(g, s, q, ts, tq);
+        const double v = static_cast<double>(static_cast<O>(shv[g * D] + ts / cnt));
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) buf[c] = v;
       }
+      sums_rows(A.x + n * S * C, S, C, buf.data(), buf.data() + C, buf.data() + 2 * C);
+      for (int64_t g = 0; g < G; ++g) {
+        group_sums(g, buf.data() + C, buf.data() + 2 * C, ts, tq);
+        coefs(n, g, buf[g * D], ts, tq);
+      }
+      return;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      group_sums(g, s, q, ts, tq);
       coefs(n, g, shv[g * D], ts, tq);
     }
   };
@@ -914,24 +1136,25 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
     }
   };
   double* shv_all = scratch<double>(2, sp.Q > 1 ? static_cast<size_t>(N * C) : 0);
+  float* shf_all = scratch<float>(3, sp.Q > 1 ? static_cast<size_t>(N * C) : 0);
   double* part = scratch<double>(1, sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 2 * C) : 0);
-  for (int64_t n = 0; sp.Q > 1 && n < N; ++n) shifts(n, shv_all + n * C);
+  for (int64_t n = 0; sp.Q > 1 && n < N; ++n) shifts(n, shv_all + n * C, shf_all + n * C);
   drive(
       sp, sizeof(T),
       [&](int64_t n) {
-        std::vector<double> buf(3 * C, 0.0);
-        double* shv = buf.data();
-        shifts(n, shv);
-        sums_rows(A.x + n * S * C, S, C, shv, buf.data() + C, buf.data() + 2 * C);
-        merge_groups(n, shv, buf.data() + C, buf.data() + 2 * C);
+        double* shv = scratch<double>(5, static_cast<size_t>(3 * C));
+        float* shf = scratch<float>(6, static_cast<size_t>(C));
+        std::fill(shv + C, shv + 3 * C, 0.0);
+        shifts(n, shv, shf);
+        sums(n, 0, S, shv, shf, shv + C, shv + 2 * C);
+        merge_groups(n, shv, shv + C, shv + 2 * C);
         output(n, 0, S);
       },
       [&](int64_t n, int64_t k) {
-        const double* shv = shv_all + n * C;
         double* s = part + (n * sp.Q + k) * 2 * C;
         std::fill(s, s + 2 * C, 0.0);
         const int64_t r0 = k * R, r1 = std::min(S, r0 + R);
-        sums_rows(A.x + (n * S + r0) * C, r1 - r0, C, shv, s, s + C);
+        sums(n, r0, r1, shv_all + n * C, shf_all + n * C, s, s + C);
       },
       [&](int64_t n) {
         std::vector<double> tot(2 * C, 0.0);
@@ -1051,9 +1274,9 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
     auto sums = [&](int64_t u, int64_t e0, int64_t e1, double* acc /*3 x D*/) {
       const int64_t n = u / G, g = u % G;
       const O* row = coef + n * 6 * C;
-      if (S >= Vectorized<O>::size()) {  // the group's sx goes to its first channel's slot
+      if (S <= kShortS) {  // the group's sx goes to its first channel's slot
         const int64_t o = u * cnt;
-        bsums_group<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr,
+        bsums_short<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr,
                                  A.dr ? A.dr + o : nullptr, e0, e1, S, row[g * D],
                                  row + C + g * D, row + 2 * C + g * D, acc, acc + D,
                                  acc[2 * D + e0 / S]);
@@ -1091,9 +1314,10 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
     drive(
         sp, 2 * sizeof(T),
         [&](int64_t u) {
-          std::vector<double> acc(3 * D, 0.0);
-          sums(u, 0, cnt, acc.data());
-          finish(u / G, u % G, acc.data(), acc.data() + D, acc.data() + 2 * D);
+          double* acc = scratch<double>(5, static_cast<size_t>(3 * D));
+          std::fill(acc, acc + 3 * D, 0.0);
+          sums(u, 0, cnt, acc);
+          finish(u / G, u % G, acc, acc + D, acc + 2 * D);
           output(u, 0, cnt);
         },
         [&](int64_t u, int64_t k) {
@@ -1142,9 +1366,10 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
   drive(
       sp, 2 * sizeof(T),
       [&](int64_t n) {
-        std::vector<double> acc(3 * C, 0.0);
-        sums(n, 0, S, acc.data());
-        finish_sample(n, acc.data());
+        double* acc = scratch<double>(5, static_cast<size_t>(3 * C));
+        std::fill(acc, acc + 3 * C, 0.0);
+        sums(n, 0, S, acc);
+        finish_sample(n, acc);
         output(n, 0, S);
       },
       [&](int64_t n, int64_t k) {
@@ -1215,8 +1440,28 @@ bool poison() {
   return v && v[0] == '1';
 }
 
+// Outputs of >= kHugeBytes come from fresh mmap'ed memory (glibc maps allocations above 32 MiB by
+// themselves), whose first touch costs a page fault per 4 KiB page: 3x the time of writing a
+// 100 MB output here. Asking for transparent huge pages on it (Linux, THP "madvise" mode) makes
+// that one fault per 2 MiB. A hint only: nothing changes where THP is off or the memory is reused.
+constexpr int64_t kHugeBytes = 32 << 20;
+
+void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  if (bytes < kHugeBytes) return;
+  constexpr uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t b = (p + huge - 1) & ~(huge - 1), e = (p + bytes) & ~(huge - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // (errors: no hint)
+#else
+  (void)t;
+#endif
+}
+
 Tensor new_output(const Tensor& x, bool cl, at::ScalarType dtype) {
   Tensor t = empty_like_layout(x, cl, dtype);
+  advise_huge_pages(t);
   if (poison()) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
@@ -1299,8 +1544,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x_in, const optiona
     r = in_kernel_layout(residual->to(x_in.scalar_type()), sh.cl);
   }
   // y's memory is in the kernel layout already (contiguous, or cl-like; S == 1: both the same)
-  const std::vector<double> gamma = param_values(weight, sh.C, 1.0);
-  const std::vector<double> beta = param_values(bias, sh.C, 0.0);
+  const double* gamma = param_values(weight, sh.C, 1.0, 7);
+  const double* beta = param_values(bias, sh.C, 0.0, 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gn_forward", [&] {
     ForwardArgs<scalar_t> A{sh,
                             x.const_data_ptr<scalar_t>(),
@@ -1308,8 +1553,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x_in, const optiona
                             y.data_ptr<scalar_t>(),
                             mean.data_ptr<op_t<scalar_t>>(),
                             rstd.data_ptr<op_t<scalar_t>>(),
-                            gamma.data(),
-                            beta.data(),
+                            gamma,
+                            beta,
                             eps};
     dispatch_act(act, [&](auto a) {
       if (has_res) {
@@ -1360,8 +1605,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   if (use_res) r = in_kernel_layout(residual->to(x_in.scalar_type()), sh.cl);
   Tensor mean = mean_in.to(stat_type(x_in)).contiguous();
   Tensor rstd = rstd_in.to(stat_type(x_in)).contiguous();
-  const std::vector<double> gamma = param_values(weight, C, 1.0);
-  const std::vector<double> beta = param_values(bias, C, 0.0);
+  const double* gamma = param_values(weight, C, 1.0, 7);
+  const double* beta = param_values(bias, C, 0.0, 8);
   double* wb = scratch<double>(3, (need_dw || need_db) ? static_cast<size_t>(N * C * 2) : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gn_backward", [&] {
     BackwardArgs<scalar_t> A{sh,
@@ -1370,8 +1615,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
                              use_res ? r.const_data_ptr<scalar_t>() : nullptr,
                              mean.const_data_ptr<op_t<scalar_t>>(),
                              rstd.const_data_ptr<op_t<scalar_t>>(),
-                             gamma.data(),
-                             beta.data(),
+                             gamma,
+                             beta,
                              need_dx ? dx.data_ptr<scalar_t>() : nullptr,
                              store_dr ? dr.data_ptr<scalar_t>() : nullptr,
                              (need_dw || need_db) ? wb : nullptr};
@@ -1489,7 +1734,7 @@ struct GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
                         double eps, int64_t act) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("groupnorm_cpu::forward", "")
+                         .findSchemaOrThrow(GN_STR(GN_LIB) "::forward", "")
                          .typed<decltype(forward_cpu)>();
     auto [y, mean, rstd] = op.call(x, weight, bias, residual, G, eps, act);
     ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()),
@@ -1533,7 +1778,7 @@ struct GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
       return out;
     }
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("groupnorm_cpu::backward", "")
+                         .findSchemaOrThrow(GN_STR(GN_LIB) "::backward", "")
                          .typed<decltype(backward_cpu)>();
     auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
     auto [dx, dw, db, dr] = op.call(dy, x, opt(w), opt(b), act != 0 ? opt(r) : std::nullopt,
@@ -1555,7 +1800,7 @@ Tensor group_norm_autograd(const Tensor& x, const optional<Tensor>& weight,
 }  // namespace
 }  // namespace groupnorm_cpu
 
-TORCH_LIBRARY(groupnorm_cpu, m) {
+GN_TORCH_LIBRARY(GN_LIB, m) {
   m.def(
       "forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, int num_groups, "
       "float eps, int activation) -> (Tensor, Tensor, Tensor)");
@@ -1568,18 +1813,18 @@ TORCH_LIBRARY(groupnorm_cpu, m) {
       "float eps, int activation) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(groupnorm_cpu, CPU, m) {
+GN_TORCH_LIBRARY_IMPL(GN_LIB, CPU, m) {
   m.impl("forward", &groupnorm_cpu::forward_cpu);
   m.impl("backward", &groupnorm_cpu::backward_cpu);
   m.impl("group_norm", &groupnorm_cpu::group_norm_cpu);
 }
 
-TORCH_LIBRARY_IMPL(groupnorm_cpu, Meta, m) {
+GN_TORCH_LIBRARY_IMPL(GN_LIB, Meta, m) {
   m.impl("forward", &groupnorm_cpu::forward_meta);
   m.impl("backward", &groupnorm_cpu::backward_meta);
   m.impl("group_norm", &groupnorm_cpu::group_norm_meta);
 }
 
-TORCH_LIBRARY_IMPL(groupnorm_cpu, Autograd, m) {
+GN_TORCH_LIBRARY_IMPL(GN_LIB, Autograd, m) {
   m.impl("group_norm", &groupnorm_cpu::group_norm_autograd);
 }

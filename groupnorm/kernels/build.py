@@ -109,6 +109,11 @@ def build(force: bool = False) -> tuple[bool, str]:
         return True, f"groupnorm: CPU op up to date for torch {version} ({capability}): {lib}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "stamp.json").unlink(missing_ok=True)
+    # ninja decides by timestamps: an object newer than a source edited during an earlier build
+    # would be taken as up to date, so the outputs go first. The stamp is the source as read now.
+    for old in folder.glob("*.o"):
+        old.unlink()
+    lib.unlink(missing_ok=True)
     # cpp_extension runs `ninja` from PATH: the one pip installed beside this Python comes first.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     cflags = ["-O3", "-DNDEBUG", "-fvisibility-inlines-hidden",

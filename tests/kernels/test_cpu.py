@@ -199,6 +199,21 @@ def test_statistics_exact_when_the_first_element_is_an_outlier():
     assert rel_err(y, y_ref) < 1e-6 and rel_err(m, m_ref) < 1e-7
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape,G", [((2, 4, 32, 32), 2), ((1, 16, 128, 130), 2)])
+def test_statistics_exact_when_the_shift_is_far_from_the_mean(layout, shape, G):
+    """float32 statistics are summed in float blocks around a shift taken from the first elements
+    of each group (cf) or its first rows (cl); when those are far outliers, the group is summed
+    again exactly (fused and chunked units)."""
+    x = make(shape, torch.float32, std=1e-3)
+    x[:, :, 0, :16] = 1e4                      # each channel's first 16: far from the rest
+    x = fmt(x, layout)
+    y, m, s = cpu.forward(x, None, None, None, G, 1e-5, None)
+    y_ref, m_ref, v_ref = reference.normalize(x, "gn", G)
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(m, m_ref) < 1e-7
+    assert rel_err(s, 1 / np.sqrt(v_ref + 1e-5)) < 1e-6
+
+
 def test_needs_and_mixed_layouts():
     x = make((2, 8, 5, 6), torch.float32, "cl")
     w, b = params(8, torch.float32)
