@@ -181,6 +181,23 @@ def test_large_mean(shape, layout, G, dtype, mean, std, tol, act):
           tol=tol / 10)
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_activations_at_extreme_preactivations(act):
+    """z = weight * x_hat + bias over [-400, 400] (exp over- and underflows inside silu / gelu and
+    their derivatives): outputs and gradients stay finite and match the reference."""
+    for dtype in (torch.float32, torch.float64):
+        x = make((2, 8, 16, 16), dtype)
+        w = torch.full((8,), 150.0, dtype=dtype)
+        y, m, s = cpu.forward(x, w, None, None, 4, 1e-5, act)
+        y_ref, _, _ = reference.normalize(x, "gn", 4, w, None, 1e-5, act)
+        assert rel_err(y, y_ref) < TOL[dtype]
+        dy = make((2, 8, 16, 16), dtype, seed=3)
+        dx, dw, _, _ = cpu.backward(dy, x, w, None, None, m, s, 4, act)
+        g = reference.normalize_backward(dy, x, "gn", 4, w, None, 1e-5, act)
+        assert rel_err(dw, g["weight"]) < TOL[dtype] * 10
+        assert rel_err(dx, g["x"], s.double().abs().max().item() * 150) < TOL[dtype] * 10
+
+
 def test_large_mean_elementwise():
     """Not just the largest element: every y stays close at mean 1e6, std 0.1 in float32."""
     for layout in ("nchw", "cl"):
