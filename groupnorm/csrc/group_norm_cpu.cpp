@@ -1077,8 +1077,10 @@ void drive(const Split& sp, int64_t bytes_per_elem, const Fused& fused, const Pa
     run_tasks(u1 - u0, kMinPerThread / 8, [&](int64_t b, int64_t e) {
       for (int64_t u = u0 + b; u < u0 + e; ++u) merge(u);
     });
+    // (each thread gets the same range as in the partial pass and walks it backwards: its last
+    // chunks are still in its L2)
     run_tasks((u1 - u0) * sp.Q, chunk_elems, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) output((u0 * sp.Q + t) / sp.Q, (u0 * sp.Q + t) % sp.Q);
+      for (int64_t t = e - 1; t >= b; --t) output((u0 * sp.Q + t) / sp.Q, (u0 * sp.Q + t) % sp.Q);
     });
   }
 }
@@ -1377,14 +1379,18 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
       }
     }
   }
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = 0; n < N; ++n) {  // (by group: no division per channel)
     O* row = coef + n * 6 * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = n * G + c / D;
-      const double a = A.gamma[c] * static_cast<double>(A.rstd[i]);
-      row[c] = static_cast<O>(A.mean[i]);
-      row[C + c] = static_cast<O>(a);
-      row[2 * C + c] = static_cast<O>(A.beta[c] - a * lo_pre[i]);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t i = n * G + g;
+      const double rs = static_cast<double>(A.rstd[i]), lo = lo_pre[i];
+      const O hi = static_cast<O>(A.mean[i]);
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        const double a = A.gamma[c] * rs;
+        row[c] = hi;
+        row[C + c] = static_cast<O>(a);
+        row[2 * C + c] = static_cast<O>(A.beta[c] - a * lo);
+      }
     }
   }
   // Group (n, g) from its channels' sums db, ds, sx (D entries each, channel order).
