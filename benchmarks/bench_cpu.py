@@ -12,7 +12,8 @@ Tables (float32, G = 32, medians):
      preallocated output (copy_) and into a fresh one (clone: what an op that returns a new tensor
      pays, page faults included);
   4. per-call cost on a tiny input (2, 64, 8, 8): the op, the public groupnorm.functional path, torch;
-  5. the first call in a fresh process, beyond the call itself.
+  5. the first call in a fresh process, beyond the call itself;
+then each target of issue 13, met or not, from the rows of this run (also in the JSON).
 
 Method: each side is warmed up, then timed call by call (time.perf_counter) on inputs rotated so that
 together they exceed the last-level cache, and the median is kept. Each pair is timed twice,
@@ -295,6 +296,54 @@ def first_call(rows):
           f"ms, second {1e3 * second:.3f} ms: {1e3 * (first - second):.1f} ms beyond the call")
 
 
+def targets(rows) -> list[dict]:
+    """Issue 13's targets against this run's rows: [{target, value, met}], met None when the run
+    has no row for it. Ratios are torch / ours (sums of the two medians); the copy floor counts
+    shapes larger than L2 (the only ones in its table)."""
+    out = []
+
+    def add(name, value, met):
+        out.append({"target": name, "value": value, "met": met})
+
+    for layout in ("nchw", "channels_last"):
+        s = [r["speedup"] for r in rows if r["table"] == "plain fwd+bwd" and r["layout"] == layout]
+        if s:
+            add(f"plain fwd+bwd {layout}: >= 1.0x every row",
+                f"min {min(s):.2f}x, {sum(v < 1 for v in s)} of {len(s)} rows below",
+                min(s) >= 1.0)
+            add(f"plain fwd+bwd {layout}: >= 1.5x geomean", f"{geomean(s):.2f}x",
+                geomean(s) >= 1.5)
+    for kind in ("fused fwd", "fused fwd+bwd"):
+        for layout in ("nchw", "channels_last"):
+            s = [r["speedup"] for r in rows if r["table"] == kind and r["layout"] == layout]
+            if s:
+                add(f"{kind} {layout}: >= 2x geomean", f"{geomean(s):.2f}x", geomean(s) >= 2.0)
+    for layout in ("nchw", "channels_last"):
+        s = [r["of_copy"] for r in rows if r["table"] == "copy floor" and r["layout"] == layout]
+        if s:
+            add(f"forward {layout}: >= 70 % of the copy floor above L2",
+                f"median {100 * statistics.median(s):.0f} %, min {100 * min(s):.0f} %, "
+                f"{sum(v < 0.7 for v in s)} of {len(s)} below", min(s) >= 0.7)
+    public = [r for r in rows if r["table"] == "per call" and r["path"].startswith("public")]
+    if public:
+        fwd, both = min(public[0]["forward_us"]), min(public[0]["fwd_bwd_us"])
+        add("per call, public path, tiny forward <= 15 us", f"{fwd:.1f} us", fwd <= 15)
+        add("per call, public path, tiny forward + backward <= 60 us", f"{both:.1f} us",
+            both <= 60)
+    first = [r for r in rows if r["table"] == "first call"]
+    if first:
+        add("first call: < 0.1 s beyond the call", f"{1e3 * first[0]['beyond_s']:.1f} ms",
+            first[0]["beyond_s"] < 0.1)
+    return out
+
+
+def print_targets(summary):
+    print("\n## targets of issue 13 (this run)")
+    for t in summary:
+        mark = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+        print(f"- {t['target']}: {t['value']} ({mark})")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and calls (~2 min)")
@@ -323,8 +372,11 @@ def main(argv=None) -> int:
     copy_floor(plain, iters, l2, llc, rows)
     per_call(TINY_ITERS[mode], rows)
     first_call(rows)
+    summary = targets(rows)
+    print_targets(summary)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"machine": info, "targets": summary, "rows": rows}, indent=1) + "\n")
     return 0
 
 
