@@ -14,6 +14,9 @@ machine that uses it; the loader refuses a library built for an instruction set 
 AVX512 (f, bw, vl, dq), else AVX2 + FMA, else ATen's portable default.
 ``GROUPNORM_CPU_CAPABILITY=AVX512|AVX2|DEFAULT`` overrides the choice.
 
+Threads: compiled with OpenMP (Linux), so that ``at::parallel_for`` runs in torch's own OpenMP
+pool (the libgomp.so.1 torch loaded) rather than on the calling thread alone.
+
 Nothing here runs at import of the package: the loader (``groupnorm.kernels.cpu``) only loads a
 built library, it never compiles.
 """
@@ -40,6 +43,13 @@ CAPABILITIES = {
     "AVX2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
     "DEFAULT": ((), []),
 }
+
+
+# at::parallel_for runs its body in torch's OpenMP thread pool only in code compiled with OpenMP
+# (ATen/ParallelOpenMP.h is `#ifdef _OPENMP`); without it every loop runs on the calling thread.
+# The library then needs libgomp.so.1, the one torch loaded already (torch/lib/libgomp.so.1, same
+# soname): one pool, sized by torch.set_num_threads.
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 def build_dir(torch_version: str) -> Path:
@@ -81,7 +91,8 @@ def choose_capability(flags: set[str]) -> str:
 
 
 def wanted_stamp(torch_version: str, capability: str) -> dict:
-    return {"torch": torch_version, "source_sha256": source_hash(), "capability": capability}
+    return {"torch": torch_version, "source_sha256": source_hash(), "capability": capability,
+            "openmp": bool(OPENMP)}
 
 
 def read_stamp(folder: Path) -> dict | None:
@@ -120,10 +131,13 @@ def build(force: bool = False) -> tuple[bool, str]:
               f"-DCPU_CAPABILITY={capability}"] + CAPABILITIES[capability][1]
     if capability != "DEFAULT":
         cflags.append(f"-DCPU_CAPABILITY_{capability}")
+    cflags += OPENMP
+    ldflags = list(OPENMP)
     start = time.perf_counter()
     try:
         cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=cflags,
-                           build_directory=str(folder), is_python_module=False, verbose=False)
+                           extra_ldflags=ldflags, build_directory=str(folder),
+                           is_python_module=False, verbose=False)
         if not lib.is_file():
             raise RuntimeError(f"the build gave no {lib.name}")
     except Exception as exc:  # a compiler error, no compiler, no ninja: one line, setup goes on
