@@ -97,25 +97,31 @@ class RunSpec:
 # The models are the CIFAR-style ResNets with the ImageNet ResNets' 4x stem (stem_stride=4: 28x28 ->
 # 7, 4, 2), so that the last stages are as small as ResNet-50's 7x7 stage 4 at 224 px: there per-worker
 # BN statistics of 2 images are as noisy as in the paper, and at full resolution they were not (BN at
-# 2 images per worker then matched GN; docs/STUDIES.md, tuning record). GN divides channels in groups
-# of 4 (gn_group_size), which every width allows. Both presets start every residual block's last
-# gamma at 1 (zero_init_residual=False) instead of the paper's 0: with so few iterations at 8 x 32
-# images the zero start left these narrow nets far from converged. Everything else is the paper's
-# recipe (lr 0.1 x N / 32, same epochs for every N, BN statistics per worker).
-_RESNET = {"depth": 8, "width": 8, "stem_stride": 4}
+# 2 images per worker then matched GN; docs/STUDIES.md, tuning record). Where the shape changes the
+# shortcut is a projection (conv1x1 + norm), as in the paper's ResNet-50. GN divides channels in
+# groups of 4 (gn_group_size), which every width allows. BN's running statistics are worker 0's, as
+# the paper's trainer keeps them. Both presets start every residual block's last gamma at 1
+# (zero_init_residual=False) instead of the paper's 0: with so few iterations at 8 x 32 images the
+# zero start left these narrow nets far from converged (and was no better in the search, docs/STUDIES.md).
+# Everything else is the paper's recipe: lr 0.1 x N / 32, the same epochs for every N, the data
+# reshuffled every epoch, BN statistics per worker, lr x 0.1 at 30 %, 60 % and 90 % of the epochs, the
+# median of the last 5 epochs' validation errors.
+_RESNET = {"depth": 8, "width": 8, "stem_stride": 4, "shortcut": "conv"}
 # VGG-16 has no residual path: at the ResNets' lr 0.1 (for 256 images) its GN version diverged and
 # the one without normalization stayed at chance; VGG's own recipe is lr 0.01 for 256 images, and at
 # 0.02 both train (docs/STUDIES.md).
-_CONFIG = {"zero_init_residual": False}
+_CONFIG = {"zero_init_residual": False, "bn_running_stats": "worker0"}
 _VGG_CONFIG = {**_CONFIG, "base_lr": 0.02}
+_PAPER_STEPS = (0.3, 0.6, 0.9)
 
-# quick: the README's first command, `study batch --preset quick`, within 15 minutes on 2 cores.
+# quick: the README's first command, `study batch --preset quick`: 3 seeds of BN and GN at 32 and 2
+# images per worker on 20k images, within 10 minutes on 2 cores, install included (docs/STUDIES.md).
 QUICK = Preset(
     name="quick",
     train_subset=20000,
     val_subset=None,
-    epochs=15,
-    seeds=2,
+    epochs=10,
+    seeds=3,
     model="small_resnet",
     model_args=_RESNET,
     gn_group_size=4,
@@ -124,29 +130,31 @@ QUICK = Preset(
     deep_model="small_resnet",
     deep_model_args={**_RESNET, "depth": 20},
     vgg_args={"small_input": True, "width": 16},
-    lr_steps=(0.7, 0.9),
+    lr_steps=_PAPER_STEPS,
     augment=False,
     jobs=2,
     config=_CONFIG,
-    per_study={"groups": {"model_args": {**_RESNET, "width": 32}, "epochs": 4},
+    per_study={"groups": {"model_args": {**_RESNET, "width": 32}, "epochs": 4, "seeds": 2},
                "features": {"seeds": 1, "epochs": 2, "train_subset": 4000, "val_subset": 1000,
-                            "config": _VGG_CONFIG}},
+                            "config": _VGG_CONFIG},
+               "depth": {"seeds": 2}},
 )
 
-# full: all five studies, about 80 minutes on 2 cores (docs/STUDIES.md). Its batch study contains the
-# quick preset's runs. The groups study uses width 32 so that the paper's G = 32 and 16 channels per
-# group exist in every layer; groups, features and depth run 2 seeds to fit the budget.
+# full: all five studies within 2 hours on 2 cores (docs/STUDIES.md). The batch and norms studies
+# train on all 60k images (the under-fitting regime: more images, the same 10 epochs); the groups
+# study uses width 32, so that the paper's G = 32 and 16 channels per group exist in every layer, on
+# 10k images, and the deeper ResNet 30k images, to fit the budget.
 FULL = dataclasses.replace(
     QUICK,
     name="full",
+    train_subset=None,
     seeds=3,
     batch_sizes=PAPER_BATCHES,
     batch_renorm=True,
-    per_study={"groups": {"model_args": {**_RESNET, "width": 32}, "train_subset": 10000, "epochs": 10,
-                          "seeds": 2},
+    per_study={"groups": {"model_args": {**_RESNET, "width": 32}, "train_subset": 10000},
                "features": {"seeds": 2, "epochs": 6, "train_subset": 10000, "probe_every": 20,
-                            "config": _VGG_CONFIG},
-               "depth": {"seeds": 2, "epochs": 12}},
+                            "lr_steps": (0.7, 0.9), "config": _VGG_CONFIG},
+               "depth": {"seeds": 2, "train_subset": 30000}},
 )
 
 PRESETS = {"quick": QUICK, "full": FULL}

@@ -74,6 +74,41 @@ def test_per_worker_module_is_bn_on_each_chunk(fmt, running_stats):
     assert ours(rand((5, 4, 3, 3), seed=13)).shape == (5, 4, 3, 3)
 
 
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_per_worker_double_backward(fmt):
+    """create_graph=True goes through a differentiable composite: second derivatives are right."""
+    x = rand((6, 3, 2, 3), seed=50, fmt=fmt).requires_grad_()
+    w, b = rand((3,), seed=51).requires_grad_(), rand((3,), seed=52).requires_grad_()
+
+    def f(x_, w_, b_):
+        return GF.batch_norm(x_, None, None, w_, b_, True, 0.1, 1e-5, images_per_worker=2)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_per_worker_exact_at_a_large_mean(fmt):
+    """float32 at mean 1e4, std 0.5: values, gradients and statistics as the float64 reference."""
+    x64 = rand((8, 4, 3, 3), seed=53, fmt=fmt, mean=1e4, std=0.5)
+    gy = rand((8, 4, 3, 3), seed=54, fmt=fmt, mean=0.0)
+    w, b = rand((4,), seed=55), rand((4,), seed=56)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    x = x64.float().requires_grad_()
+    y = GF.batch_norm(x, rm, rv, w.float(), b.float(), True, 1.0, 1e-5, images_per_worker=4)
+    y.backward(gy.float())
+    x0 = x.detach().double()   # the float32 values, exactly, as the reference's input
+    for i in range(2):
+        chunk = x0[4 * i:4 * i + 4]
+        ref, _, _ = R.normalize(chunk, "bn", weight=w, bias=b)
+        grads = R.normalize_backward(gy[4 * i:4 * i + 4], chunk, "bn", weight=w, bias=b)
+        assert_close(y[4 * i:4 * i + 4], ref, torch.float32, "y")
+        assert_close(x.grad[4 * i:4 * i + 4], grads["x"], torch.float32, "dx")
+    first = x0[:4]   # worker 0's statistics became the running ones (momentum 1)
+    torch.testing.assert_close(rm.double(), first.mean((0, 2, 3)), rtol=1e-7, atol=1e-3)
+    torch.testing.assert_close(rv.double(), first.var((0, 2, 3)), rtol=1e-3, atol=1e-6)
+
+
 def test_running_stats_choice_is_checked():
     with pytest.raises(ValueError, match="running_stats must be one of worker0, average, got 'mean'"):
         gnn.BatchNorm(4, images_per_worker=2, running_stats="mean")

@@ -30,7 +30,24 @@ def test_full_batch_has_the_paper_sizes_and_batch_renorm_at_4():
     per_seed = [r for r in runs if r.seed == 0]
     assert sorted({r.images_per_worker for r in per_seed if r.norm == "bn"}) == [2, 4, 8, 16, 32]
     assert [r.images_per_worker for r in per_seed if r.norm == "brn"] == [4]
-    assert FULL.seeds == 3 and len(runs) == 3 * 11
+    assert FULL.seeds >= 3 and len(runs) == FULL.seeds * 11
+
+
+def test_presets_follow_the_papers_protocol():
+    """Projection shortcuts, BN statistics per worker with worker 0's running statistics, lr from the
+    linear rule, the same epochs for every batch size of a study, and at least 3 seeds for the
+    paired statistics of the batch study."""
+    for preset in (QUICK, FULL):
+        assert preset.for_study("batch").seeds >= 3
+        for run in expand("all", preset):
+            cfg = run.config
+            if cfg["model"] == "small_resnet":
+                assert cfg["model_args"]["shortcut"] == "conv", run.name
+            assert cfg["bn_running_stats"] == "worker0" and not cfg.get("sync_bn", False)
+            assert cfg.get("warmup_epochs", 0) == 0 and "lr_decay" not in cfg
+        for study in ("batch", "depth"):
+            runs = expand(study, preset)
+            assert len({(r.config["epochs"], r.config["train_subset"]) for r in runs}) == 1, study
 
 
 def test_every_run_is_a_valid_config(tmp_path):
