@@ -16,7 +16,9 @@ Tables (float32, G = 32, medians):
 then each target of issue 13, met or not, from the rows of this run (also in the JSON).
 
 Method: each side is warmed up, then timed call by call (time.perf_counter) on inputs rotated so that
-together they exceed the last-level cache, and the median is kept. Each pair is timed twice,
+together they exceed the last-level cache, and the median is kept. Outputs are allocated per call;
+malloc keeps freed memory up to 32 MiB an allocation (see steady_heap; --glibc-malloc: glibc's
+defaults, under which single rows swing 2-5x with the order of frees). Each pair is timed twice,
 interleaved (ours, torch, ours, torch): both medians are printed, their spread is the noise; the
 ratio uses their sums. Other processes on the machine show up as that spread.
 """
@@ -60,6 +62,24 @@ TINY = (2, 64, 8, 8)
 COPY_ELEMS = 64 << 20      # the large copy that measures bandwidth: 256 MiB of float32
 ITERS = {"full": (3, 15), "quick": (2, 7)}      # (warm-up calls, timed calls) per measurement
 TINY_ITERS = {"full": (200, 2000), "quick": (100, 500)}
+
+
+def steady_heap() -> str:
+    """glibc's malloc by default maps each allocation of more than a moving threshold (128 KiB to
+    32 MiB) afresh and trims the heap top beyond twice that: whether a call's outputs page-fault
+    then depends on the order of the frees before it, which differs between the two sides and from
+    run to run (single rows swung 2-5x here). Fixing the thresholds (the heap keeps what is freed,
+    up to 32 MiB per allocation) gives both sides the steady state of a training loop; allocations
+    above 32 MiB (batch-32 outputs) are still mapped afresh on every call. Returns the policy."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3      # <malloc.h>
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
+        return "steady heap (mallopt: mmap threshold 32 MiB, trim threshold 1 GiB)" if ok else \
+            "glibc default (mallopt failed)"
+    except (OSError, AttributeError):
+        return "default (not glibc)"
 
 
 def machine() -> dict:
@@ -349,6 +369,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and calls (~2 min)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", metavar="OUT", help="write every row as JSON")
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="keep glibc's moving malloc thresholds (see steady_heap)")
     args = parser.parse_args(argv)
     if cpu.available() is not None:
         print(f"bench_cpu: {cpu.available()}", file=sys.stderr)
@@ -358,6 +380,7 @@ def main(argv=None) -> int:
     iters = ITERS[mode]
     l2, llc = cache_sizes()
     info = machine()
+    info["malloc"] = "glibc default" if args.glibc_malloc else steady_heap()
     print("# CPU Group Norm benchmark (float32, G = 32)")
     for k, v in info.items():
         print(f"- {k}: {v}")
