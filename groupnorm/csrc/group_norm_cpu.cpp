@@ -18,9 +18,13 @@
 //
 // Accuracy for ANY mean (the reason this op exists; torch's own kernel loses everything when
 // |mean| >> std):
-// * Statistics are sums of x - sh, where sh is an element of the group (its first one), computed
-//   and accumulated in double: x - sh is exact (Sterbenz, or exact in double anyway for float
-//   inputs), so nothing cancels in sum((x - sh)^2) even at mean 1e6, std 0.1 in float32.
+// * Statistics are sums of x - sh, where sh is the mean of the group's first 16 elements (cf) or
+//   first rows (cl), rounded to the compute type: x - sh is exact when |mean| >> std (Sterbenz)
+//   and O(std) in any case, so nothing cancels in sum((x - sh)^2) even at mean 1e6, std 0.1 in
+//   float32. float / bf16 / half inputs sum x - sh in float lanes over short blocks (<= 6-16
+//   terms per lane), each block then added in double; a group whose shift is far from its mean
+//   (q > 4 (M2 + cnt eps): an outlier among the shift's elements) is summed again in double around
+//   the mean found. double inputs sum in double.
 // * The mean is split as mu = hi + lo with hi = mu rounded to the compute type. Elementwise code
 //   computes (x - hi), exact when |mean| >> std (x and hi within a factor 2), and folds lo into
 //   the per-channel constant: z = (x - hi) * (gamma rstd) + (beta - gamma rstd lo).
@@ -40,12 +44,19 @@
 // that is small enough to stay in L2 between its two passes, when there are enough of them, is one
 // task (sums, coefficients, output: one read of memory). Otherwise each unit is cut into chunks
 // (cf: runs of ~32K elements; cl: blocks of rows), and blocks of units of a few MB run three
-// steps: parallel partial sums per chunk, a merge in chunk order, a parallel output pass (whose
-// second read then comes from the L3 cache). Batch 1 and 2 thus use every core. Sums are in a
-// fixed order (lanes, then chunks, then channels); no atomics.
+// steps: parallel partial sums per chunk, a merge in chunk order, a parallel output pass (each
+// thread walks its chunks last-first: the latest come from its L2, the rest from L3). Batch 1 and
+// 2 thus use every core. Sums are in a fixed order (lanes, then chunks, then channels); no atomics.
+// cl rows of <= 640 channels are walked in memory order (one stream per tensor; per-channel block
+// sums in L1), wider ones by columns of vectors down blocks of rows (sums in registers).
 //
-// Threads: at::parallel_for (torch's own pool), with a grain of >= 32K elements per thread, so that
-// small inputs run inline on the calling thread without waking anyone.
+// Threads: at::parallel_for in torch's own OpenMP pool (the build compiles with -fopenmp; without
+// it parallel_for runs everything on the calling thread), with a grain of >= 32K elements per
+// thread, so that small inputs run inline on the calling thread without waking anyone.
+//
+// Memory: outputs of >= 32 MiB ask for transparent huge pages (fresh mmap'ed memory: one page
+// fault per 2 MiB instead of per 4 KiB). silu / gelu use an own float exp on AVX-512 (<= 1 ulp,
+// twice Sleef's speed); everything else is ATen's at::vec.
 //
 // Dtypes: float32 and float64 natively; bfloat16/float16 are loaded and computed in float32 inside
 // the kernels (no conversion pass), weight/bias in x's dtype or float32. mean/rstd: float32
@@ -344,13 +355,14 @@ void sums_run(const T* x, int64_t len, double sh, double& s, double& q) {
 constexpr int64_t kRowBlock = 8;
 
 template <typename T>
-void sums_rows(const T* x, int64_t rows, int64_t C, const double* sh, double* s, double* q) {
+void sums_rows(const T* x, int64_t rows, int64_t C, int64_t ld, const double* sh, double* s,
+               double* q) {
   using O = op_t<T>;
   constexpr int64_t K = Vectorized<O>::size();
   constexpr int64_t KD = dVec::size();
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int64_t nr = std::min(kRowBlock, rows - r0);
-    const T* p = x + r0 * C;
+    const T* p = x + r0 * ld;
     int64_t c = 0;
     for (; c + K <= C; c += K) {
       if constexpr (std::is_same_v<O, float>) {
@@ -358,7 +370,7 @@ void sums_rows(const T* x, int64_t rows, int64_t C, const double* sh, double* s,
         dVec sl(0.0), sh2(0.0), ql(0.0), qh(0.0);
         for (int64_t rr = 0; rr < nr; ++rr) {
           dVec l, h;
-          widen(vload(p + rr * C + c), l, h);
+          widen(vload(p + rr * ld + c), l, h);
           l = l - shl;
           h = h - shh;
           sl = sl + l;
@@ -374,7 +386,7 @@ void sums_rows(const T* x, int64_t rows, int64_t C, const double* sh, double* s,
         const dVec shv = dVec::loadu(sh + c);
         dVec sv(0.0), qv(0.0);
         for (int64_t rr = 0; rr < nr; ++rr) {
-          dVec d = vload(p + rr * C + c) - shv;
+          dVec d = vload(p + rr * ld + c) - shv;
           sv = sv + d;
           qv = at::vec::fmadd(d, d, qv);
         }
@@ -385,7 +397,7 @@ void sums_rows(const T* x, int64_t rows, int64_t C, const double* sh, double* s,
     for (; c < C; ++c) {
       double ts = 0, tq = 0;
       for (int64_t rr = 0; rr < nr; ++rr) {
-        double d = static_cast<double>(static_cast<O>(p[rr * C + c])) - sh[c];
+        double d = static_cast<double>(static_cast<O>(p[rr * ld + c])) - sh[c];
         ts += d;
         tq += d * d;
       }
@@ -458,27 +470,28 @@ void fsums_run(const T* x, int64_t len, float sh, double& s, double& q) {
 constexpr int64_t kRowMajorC = 640;
 
 template <typename T>
-void fsums_cols(const T* x, int64_t rows, int64_t C, const float* sh, double* s, double* q) {
+void fsums_cols(const T* x, int64_t rows, int64_t C, int64_t ld, const float* sh, double* s,
+                double* q) {
   constexpr int64_t K = fVec::size();
   constexpr int64_t KD = dVec::size();
   constexpr int64_t B = 2 * kRowBlock;
   for (int64_t r0 = 0; r0 < rows; r0 += B) {
     const int64_t nr = std::min(B, rows - r0);
-    const T* p = x + r0 * C;
+    const T* p = x + r0 * ld;
     int64_t c = 0;
     for (; c + K <= C; c += K) {
       const fVec shv = fVec::loadu(sh + c);
       fVec s0(0), s1(0), q0(0), q1(0);
       int64_t rr = 0;
       for (; rr + 2 <= nr; rr += 2) {
-        fVec d0 = vload(p + rr * C + c) - shv, d1 = vload(p + (rr + 1) * C + c) - shv;
+        fVec d0 = vload(p + rr * ld + c) - shv, d1 = vload(p + (rr + 1) * ld + c) - shv;
         s0 = s0 + d0;
         s1 = s1 + d1;
         q0 = at::vec::fmadd(d0, d0, q0);
         q1 = at::vec::fmadd(d1, d1, q1);
       }
       if (rr < nr) {
-        fVec d0 = vload(p + rr * C + c) - shv;
+        fVec d0 = vload(p + rr * ld + c) - shv;
         s0 = s0 + d0;
         q0 = at::vec::fmadd(d0, d0, q0);
       }
@@ -493,7 +506,7 @@ void fsums_cols(const T* x, int64_t rows, int64_t C, const float* sh, double* s,
     for (; c < C; ++c) {
       double ts = 0, tq = 0;
       for (int64_t rr = 0; rr < nr; ++rr) {
-        double d = static_cast<double>(static_cast<float>(p[rr * C + c])) - sh[c];
+        double d = static_cast<double>(static_cast<float>(p[rr * ld + c])) - sh[c];
         ts += d;
         tq += d * d;
       }
@@ -504,8 +517,9 @@ void fsums_cols(const T* x, int64_t rows, int64_t C, const float* sh, double* s,
 }
 
 template <typename T>
-void fsums_rows(const T* x, int64_t rows, int64_t C, const float* sh, double* s, double* q) {
-  if (C > kRowMajorC) return fsums_cols(x, rows, C, sh, s, q);
+void fsums_rows(const T* x, int64_t rows, int64_t C, int64_t ld, const float* sh, double* s,
+                double* q) {
+  if (C > kRowMajorC) return fsums_cols(x, rows, C, ld, sh, s, q);
   constexpr int64_t K = fVec::size();
   constexpr int64_t KD = dVec::size();
   constexpr int64_t B = 2 * kRowBlock;
@@ -514,10 +528,10 @@ void fsums_rows(const T* x, int64_t rows, int64_t C, const float* sh, double* s,
   float* fb = scratch<float>(4, static_cast<size_t>(2 * Cv));
   for (int64_t r0 = 0; r0 < rows; r0 += B) {
     const int64_t nr = std::min(B, rows - r0);
-    const T* p = x + r0 * C;
+    const T* p = x + r0 * ld;
     std::fill(fb, fb + 2 * Cv, 0.0f);
     for (int64_t rr = 0; rr < nr; ++rr) {
-      const T* row = p + rr * C;
+      const T* row = p + rr * ld;
       for (int64_t c = 0; c < Cv; c += K) {
         fVec d = vload(row + c) - fVec::loadu(sh + c);
         (fVec::loadu(fb + c) + d).store(fb + c);
@@ -536,7 +550,7 @@ void fsums_rows(const T* x, int64_t rows, int64_t C, const float* sh, double* s,
     for (int64_t c = Cv; c < C; ++c) {
       double ts = 0, tq = 0;
       for (int64_t rr = 0; rr < nr; ++rr) {
-        double d = static_cast<double>(static_cast<float>(p[rr * C + c])) - sh[c];
+        double d = static_cast<double>(static_cast<float>(p[rr * ld + c])) - sh[c];
         ts += d;
         tq += d * d;
       }
@@ -626,7 +640,7 @@ void bsums_run(const T* x, const T* dy, const T* r, T* dr, int64_t len, op_t<T> 
 // cl backward sums for rows wider than kRowMajorC: columns of vectors down blocks of kRowBlock
 // rows, the sums in registers; acc = [db | ds | sx] (3C).
 template <typename T, int ACT, bool RES>
-void bsums_cols(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_t C,
+void bsums_cols(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_t C, int64_t ld,
                 const op_t<T>* hi, const op_t<T>* a, const op_t<T>* cz, double* acc) {
   using O = op_t<T>;
   using V = Vectorized<O>;
@@ -646,7 +660,7 @@ void bsums_cols(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_
       const V vhi = V::loadu(hi + c), va = V::loadu(a + c), vcz = V::loadu(cz + c);
       V fdb(0), fds(0), fsx(0);  // kRowBlock == kFlush terms per lane in the compute type
       for (int64_t rr = 0; rr < nr; ++rr) {
-        const int64_t o = (r0 + rr) * C + c;
+        const int64_t o = (r0 + rr) * ld + c;
         V xm = vload(x + o) - vhi;
         V dz = vload(dy + o);
         if constexpr (ACT != 0) {
@@ -670,7 +684,7 @@ void bsums_cols(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_
     for (; c < C; ++c) {
       double tdb = 0, tds = 0, tsx = 0;
       for (int64_t rr = 0; rr < nr; ++rr) {
-        const int64_t o = (r0 + rr) * C + c;
+        const int64_t o = (r0 + rr) * ld + c;
         O xm = static_cast<O>(x[o]) - hi[c];
         O dz = static_cast<O>(dy[o]);
         if constexpr (ACT != 0) {
@@ -696,9 +710,9 @@ void bsums_cols(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_
 // in the compute type in an L1 array [db | ds | sx] over blocks of kRowBlock rows, then added to
 // the double sums (<= kRowBlock terms per lane).
 template <typename T, int ACT, bool RES>
-void bsums_rows(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_t C,
+void bsums_rows(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_t C, int64_t ld,
                 const op_t<T>* hi, const op_t<T>* a, const op_t<T>* cz, double* acc) {
-  if (C > kRowMajorC) return bsums_cols<T, ACT, RES>(x, dy, r, dr, rows, C, hi, a, cz, acc);
+  if (C > kRowMajorC) return bsums_cols<T, ACT, RES>(x, dy, r, dr, rows, C, ld, hi, a, cz, acc);
   using O = op_t<T>;
   using V = Vectorized<O>;
   constexpr int64_t K = V::size();
@@ -712,7 +726,7 @@ void bsums_rows(const T* x, const T* dy, const T* r, T* dr, int64_t rows, int64_
     const int64_t nr = std::min(kRowBlock, rows - r0);
     std::fill(fb, fb + 3 * Cv, O(0));
     for (int64_t rr = r0; rr < r0 + nr; ++rr) {
-      const int64_t o = rr * C;
+      const int64_t o = rr * ld;
       for (int64_t c = 0; c < Cv; c += K) {
         V xm = vload(x + o + c) - V::loadu(hi + c);
         V dz = vload(dy + o + c);
@@ -1022,7 +1036,15 @@ struct Shape {
 // Chunks per unit (cf: elements of a group; cl: rows of a sample) and rows per chunk (cl).
 struct Split {
   int64_t units, unit_elems, Q, rows;  // rows: cl rows per chunk (S for cf's unused field)
+  int64_t gb = 0;  // cl "group blocks": > 0: a unit is gb groups of one sample (see make_split)
 };
+
+// cl samples of few rows (7x7, 14x14, 16x16) that are too large for one task: instead of cutting
+// the rows into chunks (whose per-channel partial sums are as large as the data when rows are
+// few, merged on one thread), each task takes whole groups: blocks of >= 256 channels over all the
+// rows (one pass: the block stays in L2 between the sums and the output), as many tasks as blocks.
+constexpr int64_t kGroupBlockRows = 256;
+constexpr int64_t kGroupBlockC = 256;
 
 Split make_split(const Shape& sh, int64_t bytes_per_elem) {
   Split sp;
@@ -1038,12 +1060,19 @@ Split make_split(const Shape& sh, int64_t bytes_per_elem) {
     sp.unit_elems = sh.S * sh.C;
     bool fused = (sp.units >= kFusedUnits && sp.unit_elems * bytes_per_elem <= kFusedBytes) ||
                  sp.unit_elems <= kChunk;
+    const int64_t gpb = divup(kGroupBlockC, sh.D);  // groups per block
     if (fused) {
+      sp.Q = 1;
+      sp.rows = sh.S;
+    } else if (sh.S <= kGroupBlockRows && sh.G >= 2 * gpb) {
+      sp.gb = gpb;
+      sp.units = sh.N * divup(sh.G, gpb);
+      sp.unit_elems = sh.S * gpb * sh.D;
       sp.Q = 1;
       sp.rows = sh.S;
     } else {
       // >= 16 rows a chunk: each chunk keeps 2-3 doubles per channel of partial sums.
-      int64_t rows = std::min(sh.S, std::max<int64_t>(16, divup(kChunk, sh.C)));
+      int64_t rows = std::min(sh.S, std::max<int64_t>(16, divup(4 * kChunk, sh.C)));
       int64_t Q = divup(sh.S, rows);
       int64_t want = divup(4, sh.N);  // >= 4 tasks in all (batch 1, 2), while rows allow
       if (Q < want) Q = std::min(want, std::max<int64_t>(1, sh.S / 4));
@@ -1214,6 +1243,76 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
   }
 
   // cl: unit = sample n, rows of C channels; chunk k = rows [k * R, min(S, (k + 1) * R)).
+  if (sp.gb) {  // cl group blocks: one task = groups [g0, g1) of sample n, all rows
+    const int64_t B = divup(G, sp.gb);
+    const int64_t m = std::min(S, divup(16, D));
+    auto noop2 = [](int64_t, int64_t) {};
+    auto noop1 = [](int64_t) {};
+    drive(
+        sp, sizeof(T),
+        [&](int64_t u) {
+          const int64_t n = u / B, g0 = (u % B) * sp.gb, g1 = std::min(G, g0 + sp.gb);
+          const int64_t c0 = g0 * D, w = (g1 - g0) * D;
+          const T* xs = A.x + n * S * C;  // the sample
+          double* buf = scratch<double>(5, static_cast<size_t>(3 * w));  // [shift | s | q]
+          float* shf = scratch<float>(6, static_cast<size_t>(w));
+          std::fill(buf + w, buf + 3 * w, 0.0);
+          for (int64_t g = g0; g < g1; ++g) {  // shift: the mean of the group's first m rows
+            double t = 0;
+            for (int64_t r = 0; r < m; ++r) {
+              for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+                t += static_cast<double>(static_cast<O>(xs[r * C + c]));
+              }
+            }
+            const double v = static_cast<double>(static_cast<O>(t / static_cast<double>(D * m)));
+            for (int64_t c = g * D - c0; c < (g + 1) * D - c0; ++c) {
+              buf[c] = v;
+              shf[c] = static_cast<float>(v);
+            }
+          }
+          if constexpr (std::is_same_v<O, float>) {  // (columns: a block is short and narrow)
+            fsums_cols(xs + c0, S, w, C, shf, buf + w, buf + 2 * w);
+          } else {
+            sums_rows(xs + c0, S, w, C, buf, buf + w, buf + 2 * w);
+          }
+          auto group_sums = [&](const double* s, const double* q, int64_t g, double& ts,
+                                double& tq) {
+            ts = tq = 0;
+            for (int64_t c = g * D - c0; c < (g + 1) * D - c0; ++c) {
+              ts += s[c];
+              tq += q[c];
+            }
+          };
+          double ts, tq;
+          bool ok = true;
+          for (int64_t g = g0; std::is_same_v<O, float> && g < g1 && ok; ++g) {
+            group_sums(buf + w, buf + 2 * w, g, ts, tq);
+            ok = stats_ok(ts, tq, cnt, A.eps);
+          }
+          if (!ok) {  // a shift far from its group's mean: the block again, exactly
+            for (int64_t g = g0; g < g1; ++g) {
+              group_sums(buf + w, buf + 2 * w, g, ts, tq);
+              const double v = static_cast<double>(static_cast<O>(buf[g * D - c0] + ts / cnt));
+              for (int64_t c = g * D - c0; c < (g + 1) * D - c0; ++c) buf[c] = v;
+            }
+            std::fill(buf + w, buf + 3 * w, 0.0);
+            sums_rows(xs + c0, S, w, C, buf, buf + w, buf + 2 * w);
+          }
+          for (int64_t g = g0; g < g1; ++g) {
+            group_sums(buf + w, buf + 2 * w, g, ts, tq);
+            coefs(n, g, buf[g * D - c0], ts, tq);
+          }
+          const O* row = coef + n * 3 * C + c0;
+          for (int64_t rr = 0; rr < S; ++rr) {
+            const int64_t o = (n * S + rr) * C + c0;
+            apply_row<T, ACT, RES>(A.x + o, RES ? A.r + o : nullptr, A.y + o, w, row, row + C,
+                                   row + 2 * C);
+          }
+        },
+        noop2, noop1, noop2);
+    return;
+  }
+
   const int64_t R = sp.rows;
   // Each channel shifted by its group's shift: the mean of the group's first ceil(16 / D) rows,
   // in the compute type; shv (double) and shf (float, for the float sums).
@@ -1238,9 +1337,9 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
                   double* s, double* q) {
     const T* x0 = A.x + (n * S + r0) * C;
     if constexpr (std::is_same_v<O, float>) {
-      fsums_rows(x0, r1 - r0, C, shf, s, q);
+      fsums_rows(x0, r1 - r0, C, C, shf, s, q);
     } else {
-      sums_rows(x0, r1 - r0, C, shv, s, q);
+      sums_rows(x0, r1 - r0, C, C, shv, s, q);
     }
   };
   auto group_sums = [&](int64_t g, const double* s, const double* q, double& ts, double& tq) {
@@ -1264,7 +1363,7 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
         const double v = static_cast<double>(static_cast<O>(shv[g * D] + ts / cnt));
         for (int64_t c = g * D; c < (g + 1) * D; ++c) buf[c] = v;
       }
-      sums_rows(A.x + n * S * C, S, C, buf.data(), buf.data() + C, buf.data() + 2 * C);
+      sums_rows(A.x + n * S * C, S, C, C, buf.data(), buf.data() + C, buf.data() + 2 * C);
       for (int64_t g = 0; g < G; ++g) {
         group_sums(g, buf.data() + C, buf.data() + 2 * C, ts, tq);
         coefs(n, g, buf[g * D], ts, tq);
@@ -1368,7 +1467,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
           for (int64_t n = b; n < e; ++n) {
             for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<double>(A.mean[n * G + c / D]);
             std::fill(buf.begin() + C, buf.end(), 0.0);
-            sums_rows(A.x + n * S * C, S, C, buf.data(), buf.data() + C, buf.data() + 2 * C);
+            sums_rows(A.x + n * S * C, S, C, C, buf.data(), buf.data() + C, buf.data() + 2 * C);
             for (int64_t g = 0; g < G; ++g) {
               double s = 0;
               for (int64_t c = g * D; c < (g + 1) * D; ++c) s += buf[C + c];
@@ -1493,12 +1592,44 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
     return;
   }
 
+  if (sp.gb) {  // cl group blocks (see make_split): sums, coefficients, dx of whole groups
+    const int64_t B = divup(G, sp.gb);
+    auto noop2 = [](int64_t, int64_t) {};
+    auto noop1 = [](int64_t) {};
+    drive(
+        sp, 2 * sizeof(T),
+        [&](int64_t u) {
+          const int64_t n = u / B, g0 = (u % B) * sp.gb, g1 = std::min(G, g0 + sp.gb);
+          const int64_t c0 = g0 * D, w = (g1 - g0) * D;
+          double* acc = scratch<double>(5, static_cast<size_t>(3 * w));  // [db | ds | sx]
+          std::fill(acc, acc + 3 * w, 0.0);
+          const O* row = coef + n * 6 * C + c0;
+          const int64_t o = n * S * C + c0;
+          bsums_cols<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr,
+                                  A.dr ? A.dr + o : nullptr, S, w, C, row, row + C, row + 2 * C,
+                                  acc);
+          for (int64_t g = g0; g < g1; ++g) {
+            const int64_t c = g * D - c0;
+            finish(n, g, acc + c, acc + w + c, acc + 2 * w + c);
+          }
+          if (!A.dx) return;
+          for (int64_t rr = 0; rr < S; ++rr) {
+            const int64_t p = (n * S + rr) * C + c0;
+            dx_row<T, ACT, RES>(A.x + p, A.dy + p, RES ? A.r + p : nullptr,
+                                A.dr ? A.dr + p : nullptr, A.dx + p, w, row, row + C, row + 2 * C,
+                                row + 3 * C, row + 4 * C, row + 5 * C);
+          }
+        },
+        noop2, noop1, noop2);
+    return;
+  }
+
   const int64_t R = sp.rows;
   auto sums = [&](int64_t n, int64_t r0, int64_t r1, double* acc /*3 x C*/) {
     const O* row = coef + n * 6 * C;
     const int64_t o = (n * S + r0) * C;
     bsums_rows<T, ACT, RES>(A.x + o, A.dy + o, RES ? A.r + o : nullptr, A.dr ? A.dr + o : nullptr,
-                            r1 - r0, C, row, row + C, row + 2 * C, acc);
+                            r1 - r0, C, C, row, row + C, row + 2 * C, acc);
   };
   auto finish_sample = [&](int64_t n, const double* acc) {
     for (int64_t g = 0; g < G; ++g) {

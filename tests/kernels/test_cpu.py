@@ -138,6 +138,8 @@ CASES = [
     ((2, 8, 7, 6), "strided", 2),       # non-contiguous input: copied
     ((1, 171, 7, 7), "nchw", 1),        # cf chunks that cut channels
     ((2, 20, 9, 11), "cl", 5),          # C not a multiple of the vector width
+    ((1, 256, 12, 12), "cl", 32),       # cl, few rows, wide: tasks of whole groups (group blocks)
+    ((1, 200, 16, 12), "cl", 40),       # group blocks of 65 channels (C % K != 0), a last of 5
 ]
 
 
@@ -168,7 +170,8 @@ def test_low_precision_computed_in_float32(dtype, layout):
 # 1e-6 of the float64 formula on the same input, forward and backward, in both layouts and on
 # every path (the extra pass for lo runs with an activation).
 LARGE = [((2, 8, 6, 5), "nchw", 4), ((1, 4, 64, 160), "nchw", 1), ((2, 6, 9, 9), "cl", 3),
-         ((1, 24, 40, 40), "cl", 8), ((3, 12, 50), "cl", 6), ((5, 12), "nchw", 4)]
+         ((1, 24, 40, 40), "cl", 8), ((3, 12, 50), "cl", 6), ((5, 12), "nchw", 4),
+         ((1, 256, 12, 12), "cl", 32)]
 
 
 @pytest.mark.parametrize("shape,layout,G", LARGE)
@@ -217,7 +220,8 @@ def test_statistics_exact_when_the_first_element_is_an_outlier():
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-@pytest.mark.parametrize("shape,G", [((2, 4, 32, 32), 2), ((1, 16, 128, 130), 2)])
+@pytest.mark.parametrize("shape,G", [((2, 4, 32, 32), 2), ((1, 16, 128, 130), 2),
+                                     ((1, 256, 12, 12), 32)])
 def test_statistics_exact_when_the_shift_is_far_from_the_mean(layout, shape, G):
     """float32 statistics are summed in float blocks around a shift taken from the first elements
     of each group (cf) or its first rows (cl); when those are far outliers, the group is summed
@@ -339,7 +343,8 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-@pytest.mark.parametrize("shape,G", [((2, 64, 20, 20), 8), ((1, 16, 128, 130), 1)])
+@pytest.mark.parametrize("shape,G", [((2, 64, 20, 20), 8), ((1, 16, 128, 130), 1),
+                                     ((2, 512, 10, 10), 16)])
 def test_deterministic_across_runs_and_thread_counts(layout, shape, G):
     x = make(shape, torch.float32, layout)
     w, b = params(shape[1], torch.float32)
