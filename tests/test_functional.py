@@ -178,7 +178,10 @@ def test_per_worker_batch_norm_is_bn_of_each_chunk(fmt):
     w, b = rand((5,), seed=25), rand((5,), seed=26)
     rm, rv = rand((5,), seed=27), rand((5,), mean=2.0, seed=28).abs()
     rm_ours, rv_ours = rm.clone(), rv.clone()
-    y = GF.batch_norm(x, rm_ours, rv_ours, w, b, True, 0.3, images_per_worker=2)
+    y = GF.batch_norm(x, rm_ours, rv_ours, w, b, True, 0.3, images_per_worker=2,
+                      running_stats="average")
+    rm_w0, rv_w0 = rm.clone(), rv.clone()
+    GF.batch_norm(x, rm_w0, rv_w0, w, b, True, 0.3, images_per_worker=2)   # default "worker0"
     chunks, means, vars_ = [], [], []
     for i in range(3):
         m, v = rm.clone(), rv.clone()   # each worker starts from the same buffers
@@ -189,6 +192,9 @@ def test_per_worker_batch_norm_is_bn_of_each_chunk(fmt):
     # running stats: the average of the workers' own moving averages
     torch.testing.assert_close(rm_ours, torch.stack(means).mean(0))
     torch.testing.assert_close(rv_ours, torch.stack(vars_).mean(0))
+    # default: worker 0's moving averages (the paper's trainer, DDP's broadcast of rank 0's buffers)
+    torch.testing.assert_close(rm_w0, means[0])
+    torch.testing.assert_close(rv_w0, vars_[0])
 
 
 def test_batch_norm_running_stats_and_eval_match_torch():
@@ -208,7 +214,7 @@ def test_batch_norm_running_stats_and_eval_match_torch():
 def test_batch_norm_running_stats_dtype_and_empty_batch():
     x = rand((4, 3, 5), torch.bfloat16, seed=30)
     rm, rv = torch.zeros(3), torch.ones(3)
-    GF.batch_norm(x, rm, rv, momentum=1.0, images_per_worker=2)
+    GF.batch_norm(x, rm, rv, momentum=1.0, images_per_worker=2, running_stats="average")
     xd = x.double()
     expected_mean = xd.mean(dim=(0, 2))
     expected_var = (xd[:2].var(dim=(0, 2)) + xd[2:].var(dim=(0, 2))) / 2   # unbiased, per worker

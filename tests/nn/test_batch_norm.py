@@ -76,7 +76,7 @@ def test_per_worker_module_is_bn_on_each_chunk(fmt, running_stats):
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_per_worker_double_backward(fmt):
-    """create_graph=True goes through a differentiable composite: second derivatives are right."""
+    """Per-worker BN is twice differentiable (create_graph=True): second derivatives are right."""
     x = rand((6, 3, 2, 3), seed=50, fmt=fmt).requires_grad_()
     w, b = rand((3,), seed=51).requires_grad_(), rand((3,), seed=52).requires_grad_()
 
