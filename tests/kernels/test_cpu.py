@@ -18,28 +18,25 @@ import torch
 
 from groupnorm import reference
 from groupnorm.kernels import cpu
+from helpers import backend_or_skip
 
 ACTS = (None, "relu", "silu", "gelu")
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
-REQUIRED = os.environ.get("GROUPNORM_REQUIRE_EXT") == "1"
 WITHOUT_OP = {"test_op_is_built_and_loads", "test_package_works_without_the_op"}
 
 
 def test_op_is_built_and_loads():
-    """scripts/test.sh (CI) sets GROUPNORM_REQUIRE_EXT=1: there the op must be built and used;
-    elsewhere a missing op skips the tests that need it."""
-    if not REQUIRED and cpu.available() is not None:
-        pytest.skip(f"C++ CPU op unavailable: {cpu.available()}")
+    """scripts/test.sh (CI) sets GROUPNORM_REQUIRE_BACKENDS=cpu,triton: there the op must be built
+    and used; elsewhere a missing op skips the tests that need it."""
+    backend_or_skip("cpu")
     assert cpu.available() is None
 
 
 @pytest.fixture(autouse=True)
 def poisoned(request, monkeypatch):
-    if request.node.originalname not in WITHOUT_OP and cpu.available() is not None:
-        if REQUIRED:
-            pytest.fail(f"GROUPNORM_REQUIRE_EXT=1 but {cpu.available()}")
-        pytest.skip(f"C++ CPU op unavailable: {cpu.available()}")
+    if request.node.originalname not in WITHOUT_OP:
+        backend_or_skip("cpu")
     monkeypatch.setenv("GROUPNORM_CPU_POISON", "1")
 
 
