@@ -73,3 +73,30 @@ def backend_or_skip(name):
     if name in required:
         pytest.fail(f"backend {name!r} is required here (GROUPNORM_REQUIRE_BACKENDS) but: {reason}")
     pytest.skip(f"backend {name!r} unavailable: {reason}")
+
+
+class FusedBlock(torch.nn.Module):
+    """conv -> fused GN + SiLU + residual -> plain GN, through ``group_norm(x, G, w, b, eps, act, r)``
+    (a backend's own entry point): the small model of the kernels' torch.compile tests."""
+
+    def __init__(self, group_norm):
+        super().__init__()
+        self.group_norm = group_norm
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.w = torch.nn.Parameter(torch.randn(8) * 0.5 + 1)
+        self.b = torch.nn.Parameter(torch.randn(8) * 0.5)
+
+    def forward(self, x):
+        h = self.group_norm(self.conv(x), 4, self.w, self.b, 1e-5, "silu", x)
+        return self.group_norm(h, 2)
+
+
+def tiny_config(out, data_dir, **kw):
+    """A run of a few steps of a 4-channel ResNet-8 on fake images: 2 workers x 8 images; ``kw``
+    overrides any field."""
+    from groupnorm.train import Config
+    values = dict(data_dir=data_dir, workers=2, images_per_worker=8, train_subset=32, epochs=2,
+                  model="small_resnet", model_args={"width": 4, "depth": 8}, norm="bn", threads=1,
+                  progress=False, out=str(out), eval_batch_size=16)
+    values.update(kw)
+    return Config(**values)

@@ -18,7 +18,7 @@ import torch
 
 from groupnorm import reference
 from groupnorm.kernels import cpu
-from helpers import backend_or_skip
+from helpers import FusedBlock, backend_or_skip
 
 ACTS = (None, "relu", "silu", "gelu")
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -308,21 +308,9 @@ def test_opcheck():
                           (xc.clone().requires_grad_(), None, None, None, 2, 1e-5, 1))
 
 
-class _Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
-        self.w = torch.nn.Parameter(torch.randn(8) * 0.5 + 1)
-        self.b = torch.nn.Parameter(torch.randn(8) * 0.5)
-
-    def forward(self, x):
-        h = cpu.group_norm(self.conv(x), 4, self.w, self.b, 1e-5, "silu", x)
-        return cpu.group_norm(h, 2)
-
-
 def test_torch_compile_fullgraph_forward_and_backward():
     torch.manual_seed(0)
-    model = _Block()
+    model = FusedBlock(cpu.group_norm)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for x in (torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6).contiguous(
             memory_format=torch.channels_last)):

@@ -25,6 +25,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
 import groupnorm  # noqa: E402
 from groupnorm import reference  # noqa: E402
 from groupnorm.kernels import triton as gt  # noqa: E402  (not guarded: an import error must fail)
+from helpers import FusedBlock  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
@@ -478,24 +479,12 @@ def test_through_functional_and_the_registry():
 
 
 # ---- torch.compile and the op -----------------------------------------------------------------------------------
-class Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
-        self.w = torch.nn.Parameter(torch.randn(8) * 0.5 + 1)
-        self.b = torch.nn.Parameter(torch.randn(8) * 0.5)
-
-    def forward(self, x):
-        h = gt.group_norm(self.conv(x), 4, self.w, self.b, 1e-5, "silu", x)
-        return gt.group_norm(h, 2)
-
-
 def test_torch_compile_fullgraph_matches_eager():
     """fullgraph=True: no graph break. Under the interpreter the op is opaque to the compiler (a custom op
     with a fake implementation; wrap_triton cannot trace interpreted kernels), on a GPU it is a
     triton_op whose kernels Inductor launches (test_inductor_launches_our_kernels)."""
     torch.manual_seed(0)
-    model = Block().to(DEVICE)
+    model = FusedBlock(gt.group_norm).to(DEVICE)
     x = torch.randn(2, 8, 6, 6, device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)
@@ -613,7 +602,7 @@ def test_inductor_launches_our_kernels(monkeypatch):
     on later calls."""
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
-    model = Block().cuda()
+    model = FusedBlock(gt.group_norm).cuda()
     x = torch.randn(2, 8, 6, 6, device="cuda")
     compiled = torch.compile(model, fullgraph=True)
     out, codes = run_and_get_code(compiled, x)
@@ -628,7 +617,7 @@ def test_inductor_launches_our_kernels(monkeypatch):
 @needs_gpu
 def test_reduce_overhead_cuda_graphs():
     torch._dynamo.reset()
-    model = Block().cuda()
+    model = FusedBlock(gt.group_norm).cuda()
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     for step in range(4):
         x = torch.randn(2, 8, 6, 6, device="cuda")

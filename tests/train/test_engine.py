@@ -18,7 +18,7 @@ from groupnorm.train.distributed import Context
 from groupnorm.train.launch import spawn
 from groupnorm.train.rundir import RunLock
 from groupnorm.train.probe import percentiles
-from helpers import fake_fashion
+from helpers import fake_fashion, tiny_config
 
 TIMING = ("seconds", "images_per_s")
 
@@ -30,11 +30,7 @@ def fake_dir(tmp_path_factory):
 
 def tiny(out, data_dir, **kw):
     """A run of a few steps of a 4-channel ResNet-8 on 96 fake images: 2 workers x 8 images."""
-    values = dict(data_dir=data_dir, workers=2, images_per_worker=8, train_subset=32, epochs=2,
-                  model="small_resnet", model_args={"width": 4, "depth": 8}, norm="bn", threads=1,
-                  progress=False, out=str(out), eval_batch_size=16)
-    values.update(kw)
-    return Config(**values)
+    return tiny_config(out, data_dir, **kw)
 
 
 def strip(history):

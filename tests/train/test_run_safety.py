@@ -17,7 +17,7 @@ from groupnorm.errors import CheckpointError, ConfigError, RunDirError, Training
 from groupnorm.train import Config, evaluate, run
 from groupnorm.train.checkpoint import load_checkpoint, save_checkpoint
 from groupnorm.train.rundir import LOCK_NAME, RunLock
-from helpers import fake_fashion
+from helpers import fake_fashion, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,8 @@ def fake_dir(tmp_path_factory):
 
 def tiny(out, data_dir, **kw):
     """One step per epoch of a 4-channel ResNet-8: 2 workers x 8 images of 16."""
-    values = dict(data_dir=data_dir, workers=2, images_per_worker=8, train_subset=16, epochs=1,
-                  model="small_resnet", model_args={"width": 4, "depth": 8}, norm="gn:2", threads=1,
-                  progress=False, out=str(out), eval_batch_size=20)
-    values.update(kw)
-    return Config(**values)
+    return tiny_config(out, data_dir, **{"train_subset": 16, "epochs": 1, "norm": "gn:2",
+                                         "eval_batch_size": 20, **kw})
 
 
 def strict_json(text):
