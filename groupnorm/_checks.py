@@ -17,8 +17,6 @@ ACTIVATIONS = (None, "relu", "silu", "gelu")
 _HALF = (torch.float16, torch.bfloat16)
 _FLOATS = (torch.float32, torch.float64) + _HALF
 
-from ._layout import channels_last_order  # noqa: E402,F401  (old home; kernels move to _layout)
-
 
 def _shape(x) -> tuple:
     return tuple(x.shape)
