@@ -6,7 +6,7 @@
     with groupnorm.use_backend("native"): ...         # choose who computes GN
 
 Importing the package is cheap: submodules (``functional``, ``nn``, ``reference``, ...) load on first
-use, and the kernels (Numba, Triton) only when a backend needs them.
+use, and the kernels (the C++ op, Triton) only when a backend needs them.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def write_summary(out: str | os.PathLike) -> Path:
 # ---- training one run (in this process or in a worker process) -----------------------------------------
 def _init_worker(threads: int) -> None:
     """Pool initializer: cap every thread pool of the worker process before any work."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     import torch
     torch.set_num_threads(threads)
@@ -161,7 +161,7 @@ def _init_worker(threads: int) -> None:
 @contextlib.contextmanager
 def _output_to(path: Path, fd_level: bool):
     """Send stdout and stderr to ``path`` (also at file-descriptor level in worker processes, so
-    messages from C and Numba go there too)."""
+    messages from C++ go there too)."""
     with open(path, "a", buffering=1) as log:
         if not fd_level:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
