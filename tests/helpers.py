@@ -91,6 +91,24 @@ class FusedBlock(torch.nn.Module):
         return self.group_norm(h, 2)
 
 
+def assert_compiled_matches_eager(model, inputs):
+    """torch.compile(model, fullgraph=True) (no graph break) gives eager's outputs, output strides
+    and parameter gradients on each input."""
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for x in inputs:
+        out = compiled(x)
+        out.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        ref = model(x)
+        ref.square().sum().backward()
+        torch.testing.assert_close(out, ref)
+        assert out.stride() == ref.stride()
+        for g, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(g, p.grad)
+        model.zero_grad()
+
+
 def tiny_config(out, data_dir, **kw):
     """A run of a few steps of a 4-channel ResNet-8 on fake images: 2 workers x 8 images; ``kw``
     overrides any field."""

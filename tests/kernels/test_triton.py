@@ -25,7 +25,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
 import groupnorm  # noqa: E402
 from groupnorm import reference  # noqa: E402
 from groupnorm.kernels import triton as gt  # noqa: E402  (not guarded: an import error must fail)
-from helpers import FusedBlock  # noqa: E402
+from helpers import FusedBlock, assert_compiled_matches_eager  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
@@ -484,20 +484,9 @@ def test_torch_compile_fullgraph_matches_eager():
     with a fake implementation; wrap_triton cannot trace interpreted kernels), on a GPU it is a
     triton_op whose kernels Inductor launches (test_inductor_launches_our_kernels)."""
     torch.manual_seed(0)
-    model = FusedBlock(gt.group_norm).to(DEVICE)
     x = torch.randn(2, 8, 6, 6, device=DEVICE)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out = compiled(x)
-    out.square().sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    ref = model(x)
-    ref.square().sum().backward()
-    torch.testing.assert_close(out, ref)
-    for g_, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(g_, p.grad)
-    xc = x.contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(compiled(xc), model(xc))
+    assert_compiled_matches_eager(FusedBlock(gt.group_norm).to(DEVICE),
+                                  (x, x.contiguous(memory_format=torch.channels_last)))
 
 
 def test_compile_through_the_module_and_registry():
