@@ -98,6 +98,17 @@ def _offsets(s0, d0, C, HW, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CL: tl
 
 
 @triton.jit
+def _tile_from_end(t, nsb, ndb, s_lo, s_hi, C, HW, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_D: tl.constexpr, CL: tl.constexpr, I64: tl.constexpr):
+    """Tile t of rows [s_lo, s_hi) x the group's D channels, counted from the last one (the output
+    passes walk the tiles in reverse of the statistics pass): (channels, offsets, channel mask, mask)."""
+    u = nsb * ndb - 1 - t
+    s, d, off = _offsets(s_lo + (u % nsb) * BLOCK_S, (u // nsb) * BLOCK_D, C, HW, BLOCK_S, BLOCK_D, CL, I64)
+    dmask = d < D
+    return d, off, dmask, (s < s_hi)[:, None] & dmask[None, :]
+
+
+@triton.jit
 def _affine(w_ptr, b_ptr, c, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
     """(gamma, beta) of channels c: 1 and 0 where absent, 0 and 0 outside the group."""
     if HAS_W:
@@ -170,12 +181,7 @@ def _rows_apply(xp, rp, yp, w_ptr, b_ptr, c0, s_lo, s_hi, hi, lo, rstd, C, HW, D
     nsb = tl.cdiv(s_hi - s_lo, BLOCK_S)
     ndb: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     for t in range(0, nsb * ndb):
-        u = nsb * ndb - 1 - t
-        d0 = (u // nsb) * BLOCK_D
-        s0 = s_lo + (u % nsb) * BLOCK_S
-        s, d, off = _offsets(s0, d0, C, HW, BLOCK_S, BLOCK_D, CL, I64)
-        dmask = d < D
-        mask = (s < s_hi)[:, None] & dmask[None, :]
+        d, off, dmask, mask = _tile_from_end(t, nsb, ndb, s_lo, s_hi, C, HW, D, BLOCK_S, BLOCK_D, CL, I64)
         gamma, beta = _affine(w_ptr, b_ptr, c0 + d, dmask, HAS_W, HAS_B, ACC)
         x = tl.load(xp + off, mask=mask, other=0.0).to(ACC)
         z = ((x - hi) - lo) * (gamma * rstd)[None, :] + beta[None, :]
@@ -329,12 +335,7 @@ def _rows_dx(xp, dyp, rp, dxp, w_ptr, b_ptr, c0, s_lo, s_hi, hi, lo, rstd, ca, c
     nsb = tl.cdiv(s_hi - s_lo, BLOCK_S)
     ndb: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     for t in range(0, nsb * ndb):
-        u = nsb * ndb - 1 - t
-        d0 = (u // nsb) * BLOCK_D
-        s0 = s_lo + (u % nsb) * BLOCK_S
-        s, d, off = _offsets(s0, d0, C, HW, BLOCK_S, BLOCK_D, CL, I64)
-        dmask = d < D
-        mask = (s < s_hi)[:, None] & dmask[None, :]
+        d, off, dmask, mask = _tile_from_end(t, nsb, ndb, s_lo, s_hi, C, HW, D, BLOCK_S, BLOCK_D, CL, I64)
         gamma, beta = _affine(w_ptr, b_ptr, c0 + d, dmask, HAS_W, HAS_B, ACC)
         x = tl.load(xp + off, mask=mask, other=0.0).to(ACC)
         xhat = ((x - hi) - lo) * rstd
