@@ -695,26 +695,27 @@ class _Plan:
                  "stat_dtype", "n", "c", "hw", "launches", "dev_index", "extra")
 
 
-def _common(p: _Plan, shape, xstride, device, dev_index):
-    """Layout decisions shared by forward and backward plans (``groupnorm._layout`` decides)."""
+def _common(shape, xstride, dtype, device, dev_index, g, rstride):
+    """What forward and backward plans share: layout decisions (``groupnorm._layout`` decides), sizes,
+    the statistics' dtype. Returns (plan, x's dense stride, channels per group, itemsize, float64?)."""
+    p = _Plan()
     meta = torch.empty_strided(shape, xstride, device="meta")
     dense, cl = _layout.dense(meta)
     p.shape, p.device, p.dev_index = shape, device, dev_index
     p.cl, p.copy_x = cl, dense is not meta
     p.y_stride = _layout.empty_like(meta).stride()
-    return dense.stride()
+    dense_stride = dense.stride()
+    f64 = dtype == torch.float64
+    p.stat_dtype = torch.float64 if f64 else torch.float32
+    p.n, p.c, p.hw, p.extra = shape[0], shape[1], math.prod(shape[2:]), None
+    p.match_r = rstride is not None and tuple(rstride) != tuple(dense_stride)
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    return p, dense_stride, p.c // g, itemsize, f64
 
 
 def _fwd_plan(shape, xstride, dtype, device, dev_index, g, act, wdt, bdt, rstride) -> _Plan:
-    p = _Plan()
-    dense_stride = _common(p, shape, xstride, device, dev_index)
-    n, c = shape[0], shape[1]
-    d, hw = c // g, math.prod(shape[2:])
-    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-    f64 = dtype == torch.float64
-    p.stat_dtype = torch.float64 if f64 else torch.float32
-    p.n, p.c, p.hw, p.extra = n, c, hw, None
-    p.match_r = rstride is not None and tuple(rstride) != tuple(dense_stride)
+    p, _, d, itemsize, f64 = _common(shape, xstride, dtype, device, dev_index, g, rstride)
+    n, c, hw = p.n, p.c, p.hw
     p.scratch = 3 * n * g
     if n * g * hw * d == 0:
         p.kind, p.launches = "empty", ()
@@ -750,15 +751,8 @@ def _fwd_plan(shape, xstride, dtype, device, dev_index, g, act, wdt, bdt, rstrid
 
 def _bwd_plan(shape, xstride, dtype, device, dev_index, g, act, wdt, bdt, rstride, dystride, needs) -> _Plan:
     need_dx, need_dw, need_db, need_dr = needs
-    p = _Plan()
-    dense_stride = _common(p, shape, xstride, device, dev_index)
-    n, c = shape[0], shape[1]
-    d, hw = c // g, math.prod(shape[2:])
-    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-    f64 = dtype == torch.float64
-    p.stat_dtype = torch.float64 if f64 else torch.float32
-    p.n, p.c, p.hw, p.extra = n, c, hw, None
-    p.match_r = rstride is not None and tuple(rstride) != tuple(dense_stride)
+    p, dense_stride, d, itemsize, f64 = _common(shape, xstride, dtype, device, dev_index, g, rstride)
+    n, c, hw = p.n, p.c, p.hw
     p.match_dy = tuple(dystride) != tuple(dense_stride)
     p.scratch = 0
     if n * g * hw * d == 0 or not any(needs):
