@@ -95,6 +95,16 @@ def wanted_stamp(torch_version: str, capability: str) -> dict:
             "openmp": bool(OPENMP)}
 
 
+def stale_reason(stamp: dict) -> str | None:
+    """Why a library built as ``stamp`` says is not what this source and build make (None: it is).
+    The loader asks this too, so a library from an older build is never taken as current."""
+    if SOURCE.is_file() and stamp.get("source_sha256") != source_hash():
+        return "built from an older source"
+    if stamp.get("openmp", False) != bool(OPENMP):
+        return "built without OpenMP (it would run on one thread)" if OPENMP else "built with OpenMP"
+    return None
+
+
 def read_stamp(folder: Path) -> dict | None:
     try:
         return json.loads((folder / "stamp.json").read_text())

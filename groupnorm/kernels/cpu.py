@@ -47,8 +47,9 @@ def _load() -> str | None:
         return f"the C++ CPU op is not built for torch {version} (no {lib}); {fix}"
     if not override:
         stamp = _build.read_stamp(lib.parent) or {}
-        if _build.SOURCE.is_file() and stamp.get("source_sha256") != _build.source_hash():
-            return f"the C++ CPU op in {lib.parent} is stale (built from an older source); {fix}"
+        stale = _build.stale_reason(stamp)
+        if stale:
+            return f"the C++ CPU op in {lib.parent} is stale ({stale}); {fix}"
         capability = stamp.get("capability", "DEFAULT")
         needed = set(_build.CAPABILITIES.get(capability, ((),))[0])
         flags = _build.cpu_flags()

@@ -66,10 +66,17 @@ def fuses_residual_relu(norm_layer: nn.Module) -> bool:
     return isinstance(norm_layer, GroupNorm) and norm_layer.activation is None
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def norm_add_relu(norm_layer: nn.Module, x, shortcut, relu: nn.Module):
     """``relu(norm_layer(x) + shortcut)``, the end of a residual block; fused into the norm where
-    ``fuses_residual_relu`` says it can be (the same values, one kernel instead of three passes)."""
-    if fuses_residual_relu(norm_layer):
+    ``fuses_residual_relu`` says it can be (the same values, one kernel instead of three passes).
+    Not fused while a hook watches ``relu`` (a probe, a feature extractor): fused, ``relu`` would
+    never run and its hooks would silently see nothing. (A hook on the norm still runs; fused, it
+    sees the call with ``residual=`` and ``activation="relu"``.)"""
+    if fuses_residual_relu(norm_layer) and not _hooked(relu):
         return norm_layer(x, residual=shortcut, activation="relu")
     return relu(norm_layer(x) + shortcut)
 

@@ -23,7 +23,8 @@ from helpers import FusedBlock, assert_compiled_matches_eager, backend_or_skip
 ACTS = (None, "relu", "silu", "gelu")
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
-WITHOUT_OP = {"test_op_is_built_and_loads", "test_package_works_without_the_op"}
+WITHOUT_OP = {"test_op_is_built_and_loads", "test_package_works_without_the_op",
+              "test_loader_and_builder_agree_on_a_stale_library"}
 
 
 def test_op_is_built_and_loads():
@@ -430,3 +431,14 @@ def test_no_compiler_at_import_or_first_call():
     """
     proc = _run(code)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_loader_and_builder_agree_on_a_stale_library():
+    """One rule (build.stale_reason) for the builder and the loader: a library from an older source
+    or an older build (no OpenMP: one thread) is refused by the loader, not run."""
+    from groupnorm.kernels import build
+    stamp = build.wanted_stamp(torch.__version__, "DEFAULT")
+    assert build.stale_reason(stamp) is None
+    assert "older source" in build.stale_reason({**stamp, "source_sha256": "0" * 64})
+    if build.OPENMP:
+        assert "OpenMP" in build.stale_reason({k: v for k, v in stamp.items() if k != "openmp"})
