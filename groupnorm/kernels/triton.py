@@ -57,7 +57,7 @@ from torch import Tensor
 
 from groupnorm import _layout
 
-__all__ = ["available", "group_norm", "forward", "backward", "tuning", "launch_counts"]
+__all__ = ["available", "group_norm", "forward", "backward", "tuning"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ACT_CODES = {None: 0, "relu": 1, "silu": 2, "gelu": 3}   # index in groupnorm._checks.ACTIVATIONS
@@ -524,8 +524,7 @@ try:
 except AttributeError:
     _RUNTIME_KNOBS = None
 
-# launches per kernel name since import, and how each plan launched (JIT / direct / why not direct)
-launch_counts: dict = {}
+# how each plan launched (JIT / direct / why not direct)
 _launch_notes: dict = {}
 
 
@@ -575,12 +574,6 @@ class _Launch:
     def traced(self, args: tuple):
         """The launch as torch.compile must see it: through torch.library.wrap_triton."""
         torch.library.wrap_triton(self.kernel)[self.grid](*args, *self.consts, num_warps=self.num_warps)
-
-
-def _count(launch, stream, args):
-    """Stand-in for _Launch.__call__ in host-path measurements (benchmarks/bench_gpu.py --host)."""
-    name = launch.kernel.__name__
-    launch_counts[name] = launch_counts.get(name, 0) + 1
 
 
 def _traced_kernels():
