@@ -65,7 +65,7 @@ def _normalize(x, num_groups, weight, bias, eps):
     # the aten op: F.group_norm refuses groups of one element in a batch of one (x_hat = 0 there)
     y = torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     # torch picks its output layout from suggest_memory_format(), which size-1 axes can mislead
-    return _layout.match(y, True) if cl and not _layout.channels_last_order(y) else y
+    return _layout.match(y, True) if cl else y
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, residual=None):
