@@ -71,16 +71,9 @@ def make(variant: str, args, batch: int):
 
 
 def step_times(model, opt, x, y, backend: str, fuse: bool, steps: int) -> list[float]:
-    times = []
-    fuses = layers.fuses_residual_relu
-    with backends.use_backend(backend):
-        if not fuse:   # the blocks then add the shortcut and apply the ReLU themselves
-            layers.fuses_residual_relu = lambda norm_layer: False
-        try:
-            times = _steps(model, opt, x, y, steps)
-        finally:
-            layers.fuses_residual_relu = fuses
-    return times
+    # (unfused: the blocks add the shortcut and apply the ReLU themselves)
+    with backends.use_backend(backend), layers.residual_fusion(fuse):
+        return _steps(model, opt, x, y, steps)
 
 
 def _steps(model, opt, x, y, steps: int) -> list[float]:

@@ -11,7 +11,7 @@ exit status 0 when the op is built (or up to date), 1 when it could not be built
 Vectorization: ATen's ``at::vec::Vectorized`` picks its width from the CPU_CAPABILITY macros the
 code is compiled with, so they are set from what this machine's CPU supports (the build runs on the
 machine that uses it; the loader refuses a library built for an instruction set the CPU lacks):
-AVX512 (f, bw, vl, dq), else AVX2 + FMA, else ATen's portable default.
+AVX512 (f, bw, vl, dq), else AVX2 + FMA + F16C, else ATen's portable default.
 ``GROUPNORM_CPU_CAPABILITY=AVX512|AVX2|DEFAULT`` overrides the choice.
 
 Threads: compiled with OpenMP (Linux), so that ``at::parallel_for`` runs in torch's own OpenMP
@@ -40,7 +40,8 @@ REBUILD = "bash scripts/setup.sh (or python -m groupnorm.kernels.build)"
 CAPABILITIES = {
     "AVX512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]),
-    "AVX2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
+    # (F16C: ATen's 256-bit vectors convert Half with _cvtss_sh; without it the AVX2 build fails)
+    "AVX2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
     "DEFAULT": ((), []),
 }
 

@@ -6,6 +6,7 @@ knowing what they mean.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 from torch import nn
@@ -70,13 +71,29 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+_fuse_blocks = True
+
+
+@contextlib.contextmanager
+def residual_fusion(enabled: bool):
+    """Within this context, residual blocks fuse their add + ReLU into the norm (``enabled``, the
+    default outside it) or apply them after it. For comparing the two: the values are the same
+    (tests/models/test_fused_blocks.py), the speed is not (benchmarks/bench_train.py)."""
+    global _fuse_blocks
+    saved, _fuse_blocks = _fuse_blocks, bool(enabled)
+    try:
+        yield
+    finally:
+        _fuse_blocks = saved
+
+
 def norm_add_relu(norm_layer: nn.Module, x, shortcut, relu: nn.Module):
     """``relu(norm_layer(x) + shortcut)``, the end of a residual block; fused into the norm where
     ``fuses_residual_relu`` says it can be (the same values, one kernel instead of three passes).
     Not fused while a hook watches ``relu`` (a probe, a feature extractor): fused, ``relu`` would
     never run and its hooks would silently see nothing. (A hook on the norm still runs; fused, it
     sees the call with ``residual=`` and ``activation="relu"``.)"""
-    if fuses_residual_relu(norm_layer) and not _hooked(relu):
+    if _fuse_blocks and fuses_residual_relu(norm_layer) and not _hooked(relu):
         return norm_layer(x, residual=shortcut, activation="relu")
     return relu(norm_layer(x) + shortcut)
 

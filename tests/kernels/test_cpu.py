@@ -442,3 +442,15 @@ def test_loader_and_builder_agree_on_a_stale_library():
     assert "older source" in build.stale_reason({**stamp, "source_sha256": "0" * 64})
     if build.OPENMP:
         assert "OpenMP" in build.stale_reason({k: v for k, v in stamp.items() if k != "openmp"})
+
+
+def test_capability_needs_every_flag_its_build_uses(monkeypatch):
+    """A capability is chosen only where the CPU has every feature its compiler flags turn on:
+    ATen's 256-bit vectors convert Half with F16C, so an AVX2 CPU without it builds the default."""
+    from groupnorm.kernels import build
+    monkeypatch.delenv("GROUPNORM_CPU_CAPABILITY", raising=False)
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2", "f16c"}
+    assert build.choose_capability(avx512) == "AVX512"
+    assert build.choose_capability({"avx2", "fma", "f16c"}) == "AVX2"
+    assert build.choose_capability({"avx2", "fma"}) == "DEFAULT"
+    assert "-mf16c" in build.CAPABILITIES["AVX2"][1]

@@ -33,13 +33,8 @@ def run(block, x, fused):
     """(output, gradients of x and of every parameter) with the fusion on or off."""
     block.zero_grad()
     x = x.detach().requires_grad_()
-    saved = layers.fuses_residual_relu
-    if not fused:
-        layers.fuses_residual_relu = lambda norm_layer: False
-    try:
+    with layers.residual_fusion(fused):
         out = block(x)
-    finally:
-        layers.fuses_residual_relu = saved
     out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape))
     return out.detach(), [x.grad] + [p.grad.clone() for p in block.parameters()]
 
@@ -74,8 +69,11 @@ def test_gn_blocks_fuse_and_bn_blocks_do_not(kind):
         seen = []
         last.register_forward_hook(lambda m, args, kwargs, out: seen.append(dict(kwargs)), with_kwargs=True)
         block(torch.randn(2, 16 if kind == "bottleneck" else 8, 5, 5))
+        with layers.residual_fusion(False):      # the switch the equality tests compare with
+            block(torch.randn(2, 16 if kind == "bottleneck" else 8, 5, 5))
         assert layers.fuses_residual_relu(last) is fuses
         assert (seen[0].get("activation") == "relu" and "residual" in seen[0]) is fuses, (norm, seen)
+        assert "residual" not in seen[1] and layers._fuse_blocks, (norm, seen)
     assert not layers.fuses_residual_relu(GroupNorm(2, 8, activation="silu"))   # has its own activation
     assert not layers.fuses_residual_relu(torch.nn.GroupNorm(2, 8))              # torch's: no residual
     assert layers.fuses_residual_relu(LayerNorm(8)) and not layers.fuses_residual_relu(BatchNorm(8))
