@@ -136,8 +136,11 @@ CASES = [
     ((2, 8, 7, 6), "strided", 2),       # non-contiguous input: copied
     ((1, 171, 7, 7), "nchw", 1),        # cf chunks that cut channels
     ((2, 20, 9, 11), "cl", 5),          # C not a multiple of the vector width
-    ((1, 256, 12, 12), "cl", 32),       # cl, few rows, wide: tasks of whole groups (group blocks)
-    ((1, 200, 16, 12), "cl", 40),       # group blocks of 65 channels (C % K != 0), a last of 5
+    ((1, 256, 12, 12), "cl", 32),       # cl, batch 1, few rows but one block of groups: row chunks
+    ((1, 200, 16, 12), "cl", 40),       # the same with C % K != 0
+    ((1, 1280, 6, 6), "cl", 32),        # cl group blocks: 5 blocks of 7 groups rounded to 4 of 8
+    ((1, 1200, 6, 6), "cl", 30),        # group blocks of 8 groups, the last of 6
+    ((1, 600, 8, 8), "cl", 120),        # group blocks of 260 channels (C % K != 0), the last of 80
 ]
 
 
@@ -318,7 +321,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("shape,G", [((2, 64, 20, 20), 8), ((1, 16, 128, 130), 1),
-                                     ((2, 512, 10, 10), 16)])
+                                     ((2, 512, 10, 10), 16), ((1, 1280, 6, 6), 32)])
 def test_deterministic_across_runs_and_thread_counts(layout, shape, G):
     x = make(shape, torch.float32, layout)
     w, b = params(shape[1], torch.float32)
