@@ -123,6 +123,7 @@ def check(shape, layout, G, act, residual, dtype, affine=True, mean=0.5, std=2.0
 # (shape, layout, G), each row a different path of the kernels (see the file's header comment).
 CASES = [
     ((4, 8, 6, 5), "nchw", 4),          # cf, fused units (N*G >= 8)
+    ((2, 640, 9, 9), "nchw", 32),       # cf, fused units in several batches, the last one short
     ((1, 4, 64, 160), "nchw", 1),       # cf, G = 1: one unit cut into chunks
     ((4, 8, 300, 300), "nchw", 1),      # cf, chunked units in several blocks
     ((2, 6, 9, 9), "cl", 3),            # cl, channels_last, small: fused
