@@ -43,8 +43,8 @@
 // a "unit" is what one set of statistics covers: a group (n, g) in cf, a sample n in cl. A unit
 // that is small enough to stay in L2 between its two passes, when there are enough of them, is one
 // task (sums, coefficients, output: one read of memory; in cf, consecutive small groups go in
-// batches of up to 256 KB: all their sums, then their outputs). Otherwise each unit is cut into chunks
-// (cf: runs of ~32K elements; cl: blocks of rows), and blocks of units of a few MB run three
+// batches of up to 256 KB: all their sums, then their outputs). Otherwise each unit is cut into
+// chunks (cf: runs of ~32K elements; cl: blocks of rows), and blocks of units of a few MB run three
 // steps: parallel partial sums per chunk, a merge in chunk order, a parallel output pass (each
 // thread walks its chunks last-first: the latest come from its L2, the rest from L3). Batch 1 and
 // 2 thus use every core. Sums are in a fixed order (lanes, then chunks, then channels); no atomics.
@@ -116,7 +116,7 @@ constexpr int64_t kChunk = 32768;            // target chunk of a unit cut for t
 constexpr int64_t kFusedBytes = 1 << 20;     // a unit this small stays in L2 between its passes
 constexpr int64_t kFusedUnits = 8;           // ... and is one task when there are this many units
 constexpr int64_t kBlockBytes = 8 << 20;     // units per 2-step block: stays in L3 between steps
-constexpr int64_t kBatchBytes = 256 << 10;   // cf: fused units go in batches of this much input
+constexpr int64_t kBatchBytes = 256 << 10;   // cf: fused units in batches of this much (run_batched)
 
 // ---------------------------------------------------------------------------------------------
 // Vector helpers. op_t is the compute type: double for double, float for everything else.
@@ -1123,6 +1123,27 @@ void drive(const Split& sp, int64_t bytes_per_elem, const Fused& fused, const Pa
   }
 }
 
+// Fused cf units (Q == 1) in batches of consecutive units, each batch up to kBatchBytes of what the
+// sums read (bytes_per_elem per element): sums(u, st) for each unit of the batch, then finish(u,
+// st) for each, then output(u) for each; st: the unit's `per_unit` doubles of statistics. Unit by
+// unit, the stream of loads from memory stopped at every small group for its coefficients and
+// output (5-10 % slower on 7x7 and 14x14 groups at batch 1 and 2).
+template <typename Sums, typename Finish, typename Output>
+void run_batched(const Split& sp, int64_t bytes_per_elem, int64_t per_unit, const Sums& sums,
+                 const Finish& finish, const Output& output) {
+  const int64_t ub =
+      std::clamp<int64_t>(kBatchBytes / (sp.unit_elems * bytes_per_elem), 1, sp.units);
+  run_tasks(sp.units, sp.unit_elems, [&](int64_t b, int64_t e) {
+    double* st = scratch<double>(5, static_cast<size_t>(std::min(ub, e - b) * per_unit));
+    for (int64_t u0 = b; u0 < e; u0 += ub) {
+      const int64_t u1 = std::min(e, u0 + ub);
+      for (int64_t u = u0; u < u1; ++u) sums(u, st + (u - u0) * per_unit);
+      for (int64_t u = u0; u < u1; ++u) finish(u, st + (u - u0) * per_unit);
+      for (int64_t u = u0; u < u1; ++u) output(u);
+    }
+  });
+}
+
 // Per-channel parameters as double (1 / 0 when absent).
 const double* param_values(const optional<Tensor>& p, int64_t C, double fill, int slot) {
   double* v = scratch<double>(slot, static_cast<size_t>(C));
@@ -1222,25 +1243,16 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
       }
       coefs(u / G, u % G, shift, s, q);
     };
-    if (sp.Q == 1) {  // small groups in batches, as in the backward (see kBatchBytes there)
-      const int64_t ub = std::max<int64_t>(1, kBatchBytes / (cnt * sizeof(T)));
-      run_tasks(sp.units, sp.unit_elems, [&](int64_t b, int64_t e) {
-        double* st = scratch<double>(5, static_cast<size_t>(std::min(ub, e - b) * 3));
-        for (int64_t u0 = b; u0 < e; u0 += ub) {
-          const int64_t u1 = std::min(e, u0 + ub);
-          for (int64_t u = u0; u < u1; ++u) {
-            double* v = st + (u - u0) * 3;  // shift, s, q
+    if (sp.Q == 1) {
+      run_batched(
+          sp, sizeof(T), 3,
+          [&](int64_t u, double* v) {  // shift, s, q
             v[0] = shift_of(u);
             v[1] = v[2] = 0;
             sums(u, 0, cnt, v[0], v[1], v[2]);
-          }
-          for (int64_t u = u0; u < u1; ++u) {
-            const double* v = st + (u - u0) * 3;
-            finish(u, v[0], v[1], v[2]);
-          }
-          for (int64_t u = u0; u < u1; ++u) output(u, 0, cnt);
-        }
-      });
+          },
+          [&](int64_t u, const double* v) { finish(u, v[0], v[1], v[2]); },
+          [&](int64_t u) { output(u, 0, cnt); });
       return;
     }
     double* part = scratch<double>(1, static_cast<size_t>(sp.units * sp.Q * 2));
@@ -1587,24 +1599,14 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
       });
     };
     if (sp.Q == 1) {
-      // Small groups (7x7 to 16x16 channels: a few tens of KB) go in batches of kBatchBytes: the
-      // sums of every group of the batch, their coefficients, then dx from L2. Group by group, the
-      // stream of loads from memory stopped at every group for its coefficients and dx (5-10 %
-      // slower on 7x7 and 14x14 at batch 1 and 2).
-      const int64_t ub = std::max<int64_t>(1, kBatchBytes / (cnt * 2 * sizeof(T)));
-      run_tasks(sp.units, sp.unit_elems, [&](int64_t b, int64_t e) {
-        double* acc = scratch<double>(5, static_cast<size_t>(std::min(ub, e - b) * 3 * D));
-        for (int64_t u0 = b; u0 < e; u0 += ub) {
-          const int64_t u1 = std::min(e, u0 + ub);
-          std::fill(acc, acc + (u1 - u0) * 3 * D, 0.0);
-          for (int64_t u = u0; u < u1; ++u) sums(u, 0, cnt, acc + (u - u0) * 3 * D);
-          for (int64_t u = u0; u < u1; ++u) {
-            const double* a = acc + (u - u0) * 3 * D;
-            finish(u / G, u % G, a, a + D, a + 2 * D);
-          }
-          for (int64_t u = u0; u < u1; ++u) output(u, 0, cnt);
-        }
-      });
+      run_batched(
+          sp, 2 * sizeof(T), 3 * D,
+          [&](int64_t u, double* a) {  // db, ds, sx (D each)
+            std::fill(a, a + 3 * D, 0.0);
+            sums(u, 0, cnt, a);
+          },
+          [&](int64_t u, const double* a) { finish(u / G, u % G, a, a + D, a + 2 * D); },
+          [&](int64_t u) { output(u, 0, cnt); });
       return;
     }
     double* part = scratch<double>(1, static_cast<size_t>(sp.units * sp.Q * 3 * D));
