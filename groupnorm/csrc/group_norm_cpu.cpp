@@ -1093,17 +1093,18 @@ Split make_split(const Shape& sh, int64_t bytes_per_elem) {
   return sp;
 }
 
-// Fused units: one task each. Else blocks of units of ~kBlockBytes: parallel partial sums per
+// Units of one task each (Q == 1): f(u) for every unit.
+template <typename F> void run_units(const Split& sp, const F& f) {
+  run_tasks(sp.units, sp.unit_elems, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) f(u);
+  });
+}
+
+// Units cut into Q > 1 chunks, in blocks of units of ~kBlockBytes: parallel partial sums per
 // (unit, chunk), a merge per unit, a parallel output pass per (unit, chunk).
-template <typename Fused, typename Partial, typename Merge, typename Output>
-void drive(const Split& sp, int64_t bytes_per_elem, const Fused& fused, const Partial& partial,
-           const Merge& merge, const Output& output) {
-  if (sp.Q == 1) {
-    run_tasks(sp.units, sp.unit_elems, [&](int64_t b, int64_t e) {
-      for (int64_t u = b; u < e; ++u) fused(u);
-    });
-    return;
-  }
+template <typename Partial, typename Merge, typename Output>
+void run_chunks(const Split& sp, int64_t bytes_per_elem, const Partial& partial, const Merge& merge,
+                const Output& output) {
   const int64_t chunk_elems = divup(sp.unit_elems, sp.Q);
   const int64_t block =
       std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, sp.unit_elems * bytes_per_elem));
@@ -1256,9 +1257,8 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
       return;
     }
     double* part = scratch<double>(1, static_cast<size_t>(sp.units * sp.Q * 2));
-    drive(
+    run_chunks(
         sp, sizeof(T),
-        [](int64_t) {},  // (Q > 1 here)
         [&](int64_t u, int64_t k) {
           const int64_t e0 = cnt * k / sp.Q, e1 = cnt * (k + 1) / sp.Q;
           double s = 0, q = 0;
@@ -1282,10 +1282,8 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
   if (sp.gb) {  // cl group blocks: one task = groups [g0, g1) of sample n, all rows
     const int64_t B = divup(G, sp.gb);
     const int64_t m = std::min(S, divup(16, D));
-    auto noop2 = [](int64_t, int64_t) {};
-    auto noop1 = [](int64_t) {};
-    drive(
-        sp, sizeof(T),
+    run_units(
+        sp,
         [&](int64_t u) {
           const int64_t n = u / B, g0 = (u % B) * sp.gb, g1 = std::min(G, g0 + sp.gb);
           const int64_t c0 = g0 * D, w = (g1 - g0) * D;
@@ -1344,8 +1342,7 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
             apply_row<T, ACT, RES>(A.x + o, RES ? A.r + o : nullptr, A.y + o, w, row, row + C,
                                    row + 2 * C);
           }
-        },
-        noop2, noop1, noop2);
+        });
     return;
   }
 
@@ -1423,17 +1420,21 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
   float* shf_all = scratch<float>(3, sp.Q > 1 ? static_cast<size_t>(N * C) : 0);
   double* part = scratch<double>(1, sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 2 * C) : 0);
   for (int64_t n = 0; sp.Q > 1 && n < N; ++n) shifts(n, shv_all + n * C, shf_all + n * C);
-  drive(
+  auto fused = [&](int64_t n) {
+    double* shv = scratch<double>(5, static_cast<size_t>(3 * C));
+    float* shf = scratch<float>(6, static_cast<size_t>(C));
+    std::fill(shv + C, shv + 3 * C, 0.0);
+    shifts(n, shv, shf);
+    sums(n, 0, S, shv, shf, shv + C, shv + 2 * C);
+    merge_groups(n, shv, shv + C, shv + 2 * C);
+    output(n, 0, S);
+  };
+  if (sp.Q == 1) {
+    run_units(sp, fused);
+    return;
+  }
+  run_chunks(
       sp, sizeof(T),
-      [&](int64_t n) {
-        double* shv = scratch<double>(5, static_cast<size_t>(3 * C));
-        float* shf = scratch<float>(6, static_cast<size_t>(C));
-        std::fill(shv + C, shv + 3 * C, 0.0);
-        shifts(n, shv, shf);
-        sums(n, 0, S, shv, shf, shv + C, shv + 2 * C);
-        merge_groups(n, shv, shv + C, shv + 2 * C);
-        output(n, 0, S);
-      },
       [&](int64_t n, int64_t k) {
         double* s = part + (n * sp.Q + k) * 2 * C;
         std::fill(s, s + 2 * C, 0.0);
@@ -1610,9 +1611,8 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
       return;
     }
     double* part = scratch<double>(1, static_cast<size_t>(sp.units * sp.Q * 3 * D));
-    drive(
+    run_chunks(
         sp, 2 * sizeof(T),
-        [](int64_t) {},  // (Q > 1 here)
         [&](int64_t u, int64_t k) {
           double* acc = part + (u * sp.Q + k) * 3 * D;
           std::fill(acc, acc + 3 * D, 0.0);
@@ -1635,10 +1635,8 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
 
   if (sp.gb) {  // cl group blocks (see make_split): sums, coefficients, dx of whole groups
     const int64_t B = divup(G, sp.gb);
-    auto noop2 = [](int64_t, int64_t) {};
-    auto noop1 = [](int64_t) {};
-    drive(
-        sp, 2 * sizeof(T),
+    run_units(
+        sp,
         [&](int64_t u) {
           const int64_t n = u / B, g0 = (u % B) * sp.gb, g1 = std::min(G, g0 + sp.gb);
           const int64_t c0 = g0 * D, w = (g1 - g0) * D;
@@ -1660,8 +1658,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
                                 A.dr ? A.dr + p : nullptr, A.dx + p, w, row, row + C, row + 2 * C,
                                 row + 3 * C, row + 4 * C, row + 5 * C);
           }
-        },
-        noop2, noop1, noop2);
+        });
     return;
   }
 
@@ -1688,15 +1685,19 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
     }
   };
   double* part = scratch<double>(1, sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 3 * C) : 0);
-  drive(
+  auto fused = [&](int64_t n) {
+    double* acc = scratch<double>(5, static_cast<size_t>(3 * C));
+    std::fill(acc, acc + 3 * C, 0.0);
+    sums(n, 0, S, acc);
+    finish_sample(n, acc);
+    output(n, 0, S);
+  };
+  if (sp.Q == 1) {
+    run_units(sp, fused);
+    return;
+  }
+  run_chunks(
       sp, 2 * sizeof(T),
-      [&](int64_t n) {
-        double* acc = scratch<double>(5, static_cast<size_t>(3 * C));
-        std::fill(acc, acc + 3 * C, 0.0);
-        sums(n, 0, S, acc);
-        finish_sample(n, acc);
-        output(n, 0, S);
-      },
       [&](int64_t n, int64_t k) {
         double* acc = part + (n * sp.Q + k) * 3 * C;
         std::fill(acc, acc + 3 * C, 0.0);
