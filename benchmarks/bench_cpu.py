@@ -15,12 +15,13 @@ Tables (float32, G = 32, medians):
   5. the first call in a fresh process, beyond the call itself;
 then each target of issue 13, met or not, from the rows of this run (also in the JSON).
 
-Method: each side is warmed up, then timed call by call (time.perf_counter) on inputs rotated so that
-together they exceed the last-level cache, and the median is kept. Outputs are allocated per call;
-malloc keeps freed memory up to 32 MiB an allocation (see steady_heap; --glibc-malloc: glibc's
-defaults, under which single rows swing 2-5x with the order of frees). Each pair is timed twice,
-interleaved (ours, torch, ours, torch): both medians are printed, their spread is the noise; the
-ratio uses their sums. Other processes on the machine show up as that spread.
+Method: each pair is warmed up, then timed call by call (time.perf_counter) in rounds of one call
+of each side, in alternating order, on inputs rotated so that together they exceed the last-level
+cache. Each side's median over the first and over the second half of the rounds are both printed
+(their spread is the noise); the ratio uses their sums. Rounds: about ROUND_BUDGET_S per half, 15 to
+100. Outputs are allocated per call; malloc keeps freed memory up to 32 MiB an allocation (see
+steady_heap; --glibc-malloc: glibc's defaults, under which single rows swing 2-5x with the order of
+frees). Other processes on the machine show up as the spread.
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ QUICK_PLAIN = [(n, N, C, sp) for N in (1, 2) for n, C, sp in RESNET[:2] + UNET[:
 QUICK_FUSED = [(n, N, C, sp) for N in (1, 2) for n, C, sp in UNET[:2]]
 TINY = (2, 64, 8, 8)
 COPY_ELEMS = 64 << 20      # the large copy that measures bandwidth: 256 MiB of float32
-ITERS = {"full": (3, 15), "quick": (2, 7)}      # (warm-up calls, timed calls) per measurement
+# (warm-up calls, least and most rounds per half) of a pair; a half takes about ROUND_BUDGET_S
+ITERS = {"full": (3, 15, 100), "quick": (2, 7, 30)}
+ROUND_BUDGET_S = 0.25
 TINY_ITERS = {"full": (200, 2000), "quick": (100, 500)}
 
 
@@ -130,13 +133,36 @@ def median_time(fn, inputs, warmup, iters) -> float:
     return statistics.median(times)
 
 
-def interleaved(ours, theirs, inputs, warmup, iters):
-    """([ours, ours], [theirs, theirs]) medians, timed ours, theirs, ours, theirs."""
-    a, b = [], []
-    for _ in range(2):
-        a.append(median_time(ours, inputs, warmup, iters))
-        b.append(median_time(theirs, inputs, warmup, iters))
-    return a, b
+def interleaved(ours, theirs, inputs, warmup, least, most):
+    """([ours, ours], [theirs, theirs]): each side's medians over the first and the second half of
+    the rounds. A round times one call of each side, the two in alternating order, so that both see
+    the machine in the same state (its memory bandwidth drifts over seconds here, and a block of one
+    side's calls would take the drift for a difference); consecutive calls take consecutive input
+    sets, so an input is back in use only after len(inputs) calls of either side. Rounds per half:
+    as many as ROUND_BUDGET_S allows at the warm-up's pace, between `least` and `most`."""
+    sides = (ours, theirs)
+    calls = 0
+
+    def call(fn):
+        nonlocal calls
+        inp = inputs[calls % len(inputs)]
+        calls += 1
+        t0 = time.perf_counter()
+        fn(inp)
+        return time.perf_counter() - t0
+
+    pace = []
+    for _ in range(warmup):
+        pace.append(sum(call(fn) for fn in sides))
+    rounds = least
+    if pace:
+        rounds = max(least, min(most, int(ROUND_BUDGET_S / max(min(pace), 1e-9))))
+    times = ([], [])
+    for r in range(2 * rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for j in order:
+            times[j].append(call(sides[j]))
+    return tuple([statistics.median(t[:rounds]), statistics.median(t[rounds:])] for t in times)
 
 
 def make_inputs(N, C, spatial, cl, residual, grad, llc):
@@ -249,7 +275,7 @@ def copy_floor(cases, iters, l2, llc, rows):
             copy = lambda inp: slot[id(inp[0])].copy_(inp[0])       # noqa: E731
             clone = lambda inp: inp[0].clone()                      # noqa: E731
             times, t_copy = interleaved(fwd(ours_plain), copy, sets, *iters)
-            t_clone = [median_time(clone, sets, *iters) for _ in range(2)]
+            t_clone = [median_time(clone, sets, iters[0], iters[1]) for _ in range(2)]
             t, floor, fresh = sum(times) / 2, sum(t_copy) / 2, sum(t_clone) / 2
             rows.append({"table": "copy floor", "shape": name, "N": N, "C": C,
                          "spatial": list(spatial), "layout": "channels_last" if cl else "nchw",

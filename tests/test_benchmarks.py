@@ -8,15 +8,42 @@ from helpers import backend_or_skip
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
 
 
-def test_bench_cpu_runs_on_tiny_shapes(tmp_path, monkeypatch, capsys):
+def _load_bench():
     spec = importlib.util.spec_from_file_location("bench_cpu", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_interleaved_alternates_sides_and_rotates_inputs(monkeypatch):
+    """Rounds of one call per side in alternating order, consecutive input sets across both sides,
+    a median per half per side, and the round count within [least, most] by the time budget."""
+    bench = _load_bench()
+    calls = []
+    ours = lambda inp: calls.append(("ours", inp))       # noqa: E731
+    theirs = lambda inp: calls.append(("theirs", inp))   # noqa: E731
+    a, b = bench.interleaved(ours, theirs, [0, 1, 2], 0, 4, 50)   # no warm-up: `least` rounds
+    assert len(a) == len(b) == 2 and all(t >= 0 for t in a + b)
+    assert len(calls) == 2 * 2 * 4
+    assert [side for side, _ in calls[:4]] == ["ours", "theirs", "theirs", "ours"]
+    assert [inp for _, inp in calls] == [i % 3 for i in range(len(calls))]
+    calls.clear()
+    monkeypatch.setattr(bench, "ROUND_BUDGET_S", 10.0)      # fast sides: capped at `most`
+    bench.interleaved(ours, theirs, [0], 1, 4, 6)
+    assert len(calls) == 2 + 2 * 2 * 6
+    calls.clear()
+    monkeypatch.setattr(bench, "ROUND_BUDGET_S", 0.0)       # no budget: `least`
+    bench.interleaved(ours, theirs, [0], 1, 3, 6)
+    assert len(calls) == 2 + 2 * 2 * 3
+
+
+def test_bench_cpu_runs_on_tiny_shapes(tmp_path, monkeypatch, capsys):
+    bench = _load_bench()
     backend_or_skip("cpu")     # (fails instead when GROUPNORM_REQUIRE_BACKENDS names it)
     tiny = [("tiny", 1, 32, (4, 4)), ("tiny3d", 2, 64, (2, 3, 4))]
     monkeypatch.setattr(bench, "QUICK_PLAIN", tiny)
     monkeypatch.setattr(bench, "QUICK_FUSED", tiny[:1])
-    monkeypatch.setattr(bench, "ITERS", {"quick": (1, 2)})
+    monkeypatch.setattr(bench, "ITERS", {"quick": (1, 2, 2)})
     monkeypatch.setattr(bench, "TINY_ITERS", {"quick": (1, 3)})
     monkeypatch.setattr(bench, "COPY_ELEMS", 1 << 16)
     monkeypatch.setattr(bench, "cache_sizes", lambda: (256, 1 << 16))   # "> L2" for the tiny ones
