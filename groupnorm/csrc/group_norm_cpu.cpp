@@ -1447,10 +1447,6 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
                              row + 2 * C);
     }
   };
-  double* shv_all = scratch<double>(2, sp.Q > 1 ? static_cast<size_t>(N * C) : 0);
-  float* shf_all = scratch<float>(3, sp.Q > 1 ? static_cast<size_t>(N * C) : 0);
-  double* part = scratch<double>(1, sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 2 * C) : 0);
-  for (int64_t n = 0; sp.Q > 1 && n < N; ++n) shifts(n, shv_all + n * C, shf_all + n * C);
   auto fused = [&](int64_t n) {
     double* shv = scratch<double>(5, static_cast<size_t>(3 * C));
     float* shf = scratch<float>(6, static_cast<size_t>(C));
@@ -1464,6 +1460,10 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
     run_units(sp, fused);
     return;
   }
+  double* shv_all = scratch<double>(2, static_cast<size_t>(N * C));
+  float* shf_all = scratch<float>(3, static_cast<size_t>(N * C));
+  double* part = scratch<double>(1, static_cast<size_t>(N * sp.Q * 2 * C));
+  for (int64_t n = 0; n < N; ++n) shifts(n, shv_all + n * C, shf_all + n * C);
   run_chunks(
       sp, sizeof(T),
       [&](int64_t n, int64_t k) {
@@ -1710,7 +1710,6 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
                           row + 5 * C);
     }
   };
-  double* part = scratch<double>(1, sp.Q > 1 ? static_cast<size_t>(N * sp.Q * 3 * C) : 0);
   auto fused = [&](int64_t n) {
     double* acc = scratch<double>(5, static_cast<size_t>(3 * C));
     std::fill(acc, acc + 3 * C, 0.0);
@@ -1722,6 +1721,7 @@ template <typename T, int ACT, bool RES> void backward_kernel(const BackwardArgs
     run_units(sp, fused);
     return;
   }
+  double* part = scratch<double>(1, static_cast<size_t>(N * sp.Q * 3 * C));
   run_chunks(
       sp, 2 * sizeof(T),
       [&](int64_t n, int64_t k) {
