@@ -7,6 +7,9 @@ Tables (float32, G = 32, medians):
      channels_last, batch 1, 2 and 32: ResNet-50 stages, U-Net stages, 3D;
   2. fused GN + SiLU + residual, forward and forward + backward, against the native composite
      F.silu(F.group_norm(x) + r);
+     in both, beside each pair, the row's floor: its tensor passes alone (x -> y; x, dy -> dx; with
+     r and dr when fused) as ATen's copy_ / add into tensors allocated once, so that torch / floor
+     is the speedup an op running at the memory's speed would show;
   3. forward against the copy floor on inputs larger than L2: a copy of x (read x, write y, the
      least a forward moves) timed beside it on the same rotated inputs, into a preallocated tensor
      (copy_: the floor) and into a fresh one each call (clone: an output allocated per call, as the
@@ -15,8 +18,8 @@ Tables (float32, G = 32, medians):
   5. the first call in a fresh process, beyond the call itself;
 then each target of issue 13, met or not, from the rows of this run (also in the JSON).
 
-Method: each pair is warmed up, then timed call by call (time.perf_counter) in rounds of one call
-of each side, in alternating order, on inputs rotated so that together they exceed the last-level
+Method: each pair (and its floor) is warmed up, then timed call by call (time.perf_counter) in
+rounds of one call of each side, in alternating order, on inputs rotated so that together they exceed the last-level
 cache. Each side's median over the first and over the second half of the rounds are both printed
 (their spread is the noise); the ratio uses their sums. Rounds: about ROUND_BUDGET_S per half, 15 to
 100. Outputs are allocated per call; malloc keeps freed memory up to 32 MiB an allocation (see
@@ -133,14 +136,13 @@ def median_time(fn, inputs, warmup, iters) -> float:
     return statistics.median(times)
 
 
-def interleaved(ours, theirs, inputs, warmup, least, most):
-    """([ours, ours], [theirs, theirs]): each side's medians over the first and the second half of
-    the rounds. A round times one call of each side, the two in alternating order, so that both see
-    the machine in the same state (its memory bandwidth drifts over seconds here, and a block of one
-    side's calls would take the drift for a difference); consecutive calls take consecutive input
-    sets, so an input is back in use only after len(inputs) calls of either side. Rounds per half:
-    as many as ROUND_BUDGET_S allows at the warm-up's pace, between `least` and `most`."""
-    sides = (ours, theirs)
+def interleaved(sides, inputs, warmup, least, most):
+    """[[m1, m2] per side]: each side's medians over the first and the second half of the rounds.
+    A round times one call of each side, in order in even rounds and in reverse order in odd ones,
+    so that all see the machine in the same state (its memory bandwidth drifts over seconds here,
+    and a block of one side's calls would take the drift for a difference); consecutive calls take
+    consecutive input sets, so an input is back in use only after len(inputs) calls of any side.
+    Rounds per half: as many as ROUND_BUDGET_S allows at the warm-up's pace, `least` to `most`."""
     calls = 0
 
     def call(fn):
@@ -157,12 +159,12 @@ def interleaved(ours, theirs, inputs, warmup, least, most):
     rounds = least
     if pace:
         rounds = max(least, min(most, int(ROUND_BUDGET_S / max(min(pace), 1e-9))))
-    times = ([], [])
+    times = [[] for _ in sides]
+    order = list(range(len(sides)))
     for r in range(2 * rounds):
-        order = (0, 1) if r % 2 == 0 else (1, 0)
-        for j in order:
+        for j in (order if r % 2 == 0 else order[::-1]):
             times[j].append(call(sides[j]))
-    return tuple([statistics.median(t[:rounds]), statistics.median(t[rounds:])] for t in times)
+    return [[statistics.median(t[:rounds]), statistics.median(t[rounds:])] for t in times]
 
 
 def make_inputs(N, C, spatial, cl, residual, grad, llc):
@@ -233,22 +235,55 @@ def row(kind, name, N, C, spatial, cl, ours, theirs, **extra):
             "torch_ms": [1e3 * t for t in theirs], "speedup": sum(theirs) / sum(ours), **extra}
 
 
+def pass_floor(sets, grad, residual):
+    """The row's tensor passes and nothing else, as ATen's streaming copy_ / add into tensors
+    allocated once: forward reads x (and r) and writes y; backward reads x and dy (and r) and
+    writes dx (and dr). No reductions, no allocation, no autograd: torch / floor is the speedup an
+    op would show if it ran at the memory's speed (only non-temporal stores, which skip the read of
+    an output line before its write, could go below this floor on outputs not in cache)."""
+    outs = 1 + grad + (grad and residual)
+    bufs = {id(s[0]): [torch.empty_like(s[0]) for _ in range(outs)] for s in sets}
+
+    def run(inp):
+        x, _, _, r, dy = inp
+        out = bufs[id(x)]
+        x = x.detach()
+        if r is None:
+            out[0].copy_(x)
+            if grad:
+                torch.add(x, dy, out=out[1])
+        else:
+            r = r.detach()
+            torch.add(x, r, out=out[0])
+            if grad:
+                torch.add(x, r, out=out[1])
+                out[2].copy_(dy)
+    run.outputs = bufs      # (for the test)
+    return run
+
+
 def bench_pairs(kind, cases, ours, theirs, wrap, grad, residual, iters, llc, rows):
-    print(f"\n## {kind}   (ms: two interleaved medians each; speedup = torch / ours)")
-    print(f"{'shape':<14}{'N':>3} {'layout':<14}{'ours':>19}{'torch':>19}{'speedup':>9}")
+    print(f"\n## {kind}   (ms: two interleaved medians each; speedup = torch / ours; floor: the "
+          f"row's tensor passes alone (pass_floor); at floor: torch / floor)")
+    print(f"{'shape':<14}{'N':>3} {'layout':<14}{'ours':>19}{'torch':>19}{'floor':>19}"
+          f"{'speedup':>9}{'at floor':>10}")
     for name, N, C, spatial in cases:
         for cl in (False, True):
             sets = make_inputs(N, C, spatial, cl, residual, grad, llc)
-            a, b = interleaved(wrap(ours), wrap(theirs), sets, *iters)
-            rows.append(row(kind, name, N, C, spatial, cl, a, b))
+            a, b, f = interleaved((wrap(ours), wrap(theirs), pass_floor(sets, grad, residual)),
+                                  sets, *iters)
+            rows.append(row(kind, name, N, C, spatial, cl, a, b, floor_ms=[1e3 * t for t in f],
+                            at_floor=sum(b) / sum(f)))
             r = rows[-1]
-            print(f"{name:<14}{N:>3} {r['layout']:<14}{fmt_ms(a):>19}{fmt_ms(b):>19}"
-                  f"{r['speedup']:>8.2f}x", flush=True)
+            print(f"{name:<14}{N:>3} {r['layout']:<14}{fmt_ms(a):>19}{fmt_ms(b):>19}{fmt_ms(f):>19}"
+                  f"{r['speedup']:>8.2f}x{r['at_floor']:>9.2f}x", flush=True)
             del sets
     for layout in ("nchw", "channels_last"):
-        s = [r["speedup"] for r in rows if r["table"] == kind and r["layout"] == layout]
-        if s:
-            print(f"{kind} {layout}: geomean {geomean(s):.2f}x, min {min(s):.2f}x over {len(s)}")
+        mine = [r for r in rows if r["table"] == kind and r["layout"] == layout]
+        if mine:
+            s = [r["speedup"] for r in mine]
+            print(f"{kind} {layout}: geomean {geomean(s):.2f}x, min {min(s):.2f}x over {len(s)}; "
+                  f"at the floor {geomean([r['at_floor'] for r in mine]):.2f}x")
 
 
 def copy_floor(cases, iters, l2, llc, rows):
@@ -274,7 +309,7 @@ def copy_floor(cases, iters, l2, llc, rows):
             slot = {id(inp[0]): out for inp, out in zip(sets, outs)}
             copy = lambda inp: slot[id(inp[0])].copy_(inp[0])       # noqa: E731
             clone = lambda inp: inp[0].clone()                      # noqa: E731
-            times, t_copy = interleaved(fwd(ours_plain), copy, sets, *iters)
+            times, t_copy = interleaved((fwd(ours_plain), copy), sets, *iters)
             t_clone = [median_time(clone, sets, iters[0], iters[1]) for _ in range(2)]
             t, floor, fresh = sum(times) / 2, sum(t_copy) / 2, sum(t_clone) / 2
             rows.append({"table": "copy floor", "shape": name, "N": N, "C": C,
@@ -347,6 +382,12 @@ def first_call(rows):
           f"ms, second {1e3 * second:.3f} ms: {1e3 * (first - second):.1f} ms beyond the call")
 
 
+def at_floor(rows, kind, layout) -> str:
+    """The geomean speedup an op at the floor would show over the same rows (pass_floor)."""
+    s = [r["at_floor"] for r in rows if r["table"] == kind and r["layout"] == layout]
+    return f" (an op at the floor: {geomean(s):.2f}x)" if s else ""
+
+
 def targets(rows) -> list[dict]:
     """Issue 13's targets against this run's rows: [{target, value, met}], met None when the run
     has no row for it. Ratios are torch / ours (sums of the two medians); the copy floor counts
@@ -362,13 +403,14 @@ def targets(rows) -> list[dict]:
             add(f"plain fwd+bwd {layout}: >= 1.0x every row",
                 f"min {min(s):.2f}x, {sum(v < 1 for v in s)} of {len(s)} rows below",
                 min(s) >= 1.0)
-            add(f"plain fwd+bwd {layout}: >= 1.5x geomean", f"{geomean(s):.2f}x",
-                geomean(s) >= 1.5)
+            add(f"plain fwd+bwd {layout}: >= 1.5x geomean", f"{geomean(s):.2f}x"
+                f"{at_floor(rows, 'plain fwd+bwd', layout)}", geomean(s) >= 1.5)
     for kind in ("fused fwd", "fused fwd+bwd"):
         for layout in ("nchw", "channels_last"):
             s = [r["speedup"] for r in rows if r["table"] == kind and r["layout"] == layout]
             if s:
-                add(f"{kind} {layout}: >= 2x geomean", f"{geomean(s):.2f}x", geomean(s) >= 2.0)
+                add(f"{kind} {layout}: >= 2x geomean", f"{geomean(s):.2f}x"
+                    f"{at_floor(rows, kind, layout)}", geomean(s) >= 2.0)
     for layout in ("nchw", "channels_last"):
         s = [r["of_copy"] for r in rows if r["table"] == "copy floor" and r["layout"] == layout]
         if s:

@@ -16,25 +16,51 @@ def _load_bench():
 
 
 def test_interleaved_alternates_sides_and_rotates_inputs(monkeypatch):
-    """Rounds of one call per side in alternating order, consecutive input sets across both sides,
-    a median per half per side, and the round count within [least, most] by the time budget."""
+    """Rounds of one call per side, in order then in reverse order, consecutive input sets across
+    all sides, a median per half per side, and the round count within [least, most] by the time
+    budget."""
     bench = _load_bench()
     calls = []
-    ours = lambda inp: calls.append(("ours", inp))       # noqa: E731
-    theirs = lambda inp: calls.append(("theirs", inp))   # noqa: E731
-    a, b = bench.interleaved(ours, theirs, [0, 1, 2], 0, 4, 50)   # no warm-up: `least` rounds
+    side = lambda name: lambda inp: calls.append((name, inp))    # noqa: E731
+    ours, theirs, floor = side("ours"), side("theirs"), side("floor")
+    a, b = bench.interleaved((ours, theirs), [0, 1, 2], 0, 4, 50)   # no warm-up: `least` rounds
     assert len(a) == len(b) == 2 and all(t >= 0 for t in a + b)
     assert len(calls) == 2 * 2 * 4
-    assert [side for side, _ in calls[:4]] == ["ours", "theirs", "theirs", "ours"]
+    assert [name for name, _ in calls[:4]] == ["ours", "theirs", "theirs", "ours"]
     assert [inp for _, inp in calls] == [i % 3 for i in range(len(calls))]
     calls.clear()
+    assert len(bench.interleaved((ours, theirs, floor), [0, 1], 0, 2, 50)) == 3
+    assert [name for name, _ in calls[:6]] == ["ours", "theirs", "floor", "floor", "theirs", "ours"]
+    assert [inp for _, inp in calls] == [i % 2 for i in range(3 * 2 * 2)]
+    calls.clear()
     monkeypatch.setattr(bench, "ROUND_BUDGET_S", 10.0)      # fast sides: capped at `most`
-    bench.interleaved(ours, theirs, [0], 1, 4, 6)
+    bench.interleaved((ours, theirs), [0], 1, 4, 6)
     assert len(calls) == 2 + 2 * 2 * 6
     calls.clear()
     monkeypatch.setattr(bench, "ROUND_BUDGET_S", 0.0)       # no budget: `least`
-    bench.interleaved(ours, theirs, [0], 1, 3, 6)
+    bench.interleaved((ours, theirs), [0], 1, 3, 6)
     assert len(calls) == 2 + 2 * 2 * 3
+
+
+def test_pass_floor_makes_the_rows_passes():
+    """The floor writes what the row's outputs would hold in size (y; dx; dr) from its inputs."""
+    bench = _load_bench()
+    import torch
+    x, r, dy = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    w = b = torch.ones(4)
+    plain = [(x, w, b, None, dy)]
+    run = bench.pass_floor(plain, True, False)
+    run(plain[0])
+    y, dx = run.outputs[id(x)]
+    assert torch.equal(y, x) and torch.equal(dx, x + dy)
+    fused = [(x, w, b, r, dy)]
+    run = bench.pass_floor(fused, True, True)
+    run(fused[0])
+    y, dx, dr = run.outputs[id(x)]
+    assert torch.equal(y, x + r) and torch.equal(dx, x + r) and torch.equal(dr, dy)
+    run = bench.pass_floor(fused, False, True)
+    run(fused[0])
+    assert len(run.outputs[id(x)]) == 1
 
 
 def test_bench_cpu_runs_on_tiny_shapes(tmp_path, monkeypatch, capsys):
@@ -57,6 +83,8 @@ def test_bench_cpu_runs_on_tiny_shapes(tmp_path, monkeypatch, capsys):
     assert {(r["shape"], r["layout"]) for r in plain} == {
         (s, layout) for s in ("tiny", "tiny3d") for layout in ("nchw", "channels_last")}
     assert all(r["speedup"] > 0 and len(r["ours_ms"]) == 2 == len(r["torch_ms"]) for r in plain)
+    assert all(r["at_floor"] > 0 and len(r["floor_ms"]) == 2 for r in rows if "at_floor" in r)
+    assert sum("at_floor" in r for r in rows) == len(plain) + 2 * 2
     floor = [r for r in rows if r["table"] == "copy floor"]
     assert floor and all(r["of_copy"] > 0 and len(r["copy_ms"]) == 2 == len(r["clone_ms"]) for r in floor)
     assert "geomean" in capsys.readouterr().out
