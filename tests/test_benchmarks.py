@@ -88,3 +88,18 @@ def test_bench_cpu_runs_on_tiny_shapes(tmp_path, monkeypatch, capsys):
     floor = [r for r in rows if r["table"] == "copy floor"]
     assert floor and all(r["of_copy"] > 0 and len(r["copy_ms"]) == 2 == len(r["clone_ms"]) for r in floor)
     assert "geomean" in capsys.readouterr().out
+
+
+def test_at_floor_bounds_the_speedup():
+    """torch / floor per row, geomean; with torch's tiny-input cost added to each floor."""
+    bench = _load_bench()
+    rows = [{"table": "plain fwd+bwd", "layout": "nchw", "torch_ms": [0.4, 0.4],
+             "floor_ms": [0.1, 0.1], "at_floor": 4.0},
+            {"table": "plain fwd+bwd", "layout": "nchw", "torch_ms": [1.0, 1.0],
+             "floor_ms": [0.9, 0.9], "at_floor": 1.0 / 0.9},
+            {"table": "per call", "path": "torch F.group_norm", "forward_us": [10.0, 20.0],
+             "fwd_bwd_us": [100.0, 200.0]}]
+    text = bench.at_floor(rows, "plain fwd+bwd", "nchw", 1.5)
+    assert "an op at the floor: 2.11x" in text              # sqrt(4 / 0.9)
+    assert "per-call cost: 1.41x, 1 of 2 rows below 1.5x" in text   # sqrt(0.4/0.2 * 1.0/1.0)
+    assert bench.at_floor(rows, "plain fwd+bwd", "channels_last", 1.5) == ""
