@@ -142,6 +142,7 @@ CASES = [
     ((1, 1280, 6, 6), "cl", 32),        # cl group blocks: 5 blocks of 7 groups rounded to 4 of 8
     ((1, 1200, 6, 6), "cl", 30),        # group blocks of 8 groups, the last of 6
     ((1, 600, 8, 8), "cl", 120),        # group blocks of 260 channels (C % K != 0), the last of 80
+    ((2, 1280, 12, 12), "cl", 32),      # group blocks > L2: with a residual, output by whole rows
 ]
 
 
