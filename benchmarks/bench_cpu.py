@@ -19,12 +19,12 @@ Tables (float32, G = 32, medians):
 then each target of issue 13, met or not, from the rows of this run (also in the JSON).
 
 Method: each pair (and its floor) is warmed up, then timed call by call (time.perf_counter) in
-rounds of one call of each side, in alternating order, on inputs rotated so that together they exceed the last-level
-cache. Each side's median over the first and over the second half of the rounds are both printed
-(their spread is the noise); the ratio uses their sums. Rounds: about ROUND_BUDGET_S per half, 15 to
-100. Outputs are allocated per call; malloc keeps freed memory up to 32 MiB an allocation (see
-steady_heap; --glibc-malloc: glibc's defaults, under which single rows swing 2-5x with the order of
-frees). Other processes on the machine show up as the spread.
+rounds of one call of each side, in alternating order, on inputs rotated so that together they
+exceed the last-level cache. Each side's median over the first and over the second half of the
+rounds are both printed (their spread is the noise); the ratio uses their sums. Rounds: about
+ROUND_BUDGET_S per half, 15 to 100. Outputs are allocated per call; malloc keeps freed memory up to
+32 MiB an allocation (see steady_heap; --glibc-malloc: glibc's defaults, under which single rows
+swing 2-5x with the order of frees). Other processes on the machine show up as the spread.
 """
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ def test_interleaved_alternates_sides_and_rotates_inputs(monkeypatch):
 
 
 def test_pass_floor_makes_the_rows_passes():
-    """The floor writes what the row's outputs would hold in size (y; dx; dr) from its inputs."""
+    """The floor makes the row's passes: y from x (and r); dx from x and dy (or x and r); dr from
+    dy."""
     bench = _load_bench()
     import torch
     x, r, dy = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 3)
@@ -101,5 +102,5 @@ def test_at_floor_bounds_the_speedup():
              "fwd_bwd_us": [100.0, 200.0]}]
     text = bench.at_floor(rows, "plain fwd+bwd", "nchw", 1.5)
     assert "an op at the floor: 2.11x" in text              # sqrt(4 / 0.9)
-    assert "per-call cost: 1.41x, 1 of 2 rows below 1.5x" in text   # sqrt(0.4/0.2 * 1.0/1.0)
+    assert "per-call cost: 1.41x, 1 of 2 rows below 1.5x" in text   # sqrt(0.4 / 0.2 * 1.0 / 1.0)
     assert bench.at_floor(rows, "plain fwd+bwd", "channels_last", 1.5) == ""
