@@ -1310,6 +1310,15 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
   }
 
   // cl: unit = sample n, rows of C channels; chunk k = rows [k * R, min(S, (k + 1) * R)).
+  // Output of rows [r0, r1) of sample n, all channels.
+  auto output = [&](int64_t n, int64_t r0, int64_t r1) {
+    const O* row = coef + n * 3 * C;
+    for (int64_t rr = r0; rr < r1; ++rr) {
+      const int64_t o = (n * S + rr) * C;
+      apply_row<T, ACT, RES>(A.x + o, RES ? A.r + o : nullptr, A.y + o, C, row, row + C,
+                             row + 2 * C);
+    }
+  };
   if (sp.gb) {  // cl group blocks: one task = groups [g0, g1) of sample n, all rows
     const int64_t B = divup(G, sp.gb);
     const int64_t m = std::min(S, divup(16, D));
@@ -1383,11 +1392,7 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
         });
     if (rows_out) {
       run_tasks(N * S, C, [&](int64_t b, int64_t e) {
-        for (int64_t t = b; t < e; ++t) {
-          const O* row = coef + t / S * 3 * C;
-          apply_row<T, ACT, RES>(A.x + t * C, A.r + t * C, A.y + t * C, C, row, row + C,
-                                 row + 2 * C);
-        }
+        for (int64_t t = b; t < e; ++t) output(t / S, t % S, t % S + 1);
       });
     }
     return;
@@ -1453,14 +1458,6 @@ template <typename T, int ACT, bool RES> void forward_kernel(const ForwardArgs<T
     for (int64_t g = 0; g < G; ++g) {
       group_sums(g, s, q, ts, tq);
       coefs(n, g, shv[g * D], ts, tq);
-    }
-  };
-  auto output = [&](int64_t n, int64_t r0, int64_t r1) {
-    const O* row = coef + n * 3 * C;
-    for (int64_t rr = r0; rr < r1; ++rr) {
-      const int64_t o = (n * S + rr) * C;
-      apply_row<T, ACT, RES>(A.x + o, RES ? A.r + o : nullptr, A.y + o, C, row, row + C,
-                             row + 2 * C);
     }
   };
   auto fused = [&](int64_t n) {
